@@ -1,0 +1,94 @@
+"""xai_sparsity: perplexity-based activation sparsity, sparsity maps and filter correlation for CNNs.
+
+Public names are imported lazily so that ``import xai_sparsity`` stays cheap; heavy optional
+dependencies (captum, ipywidgets, matplotlib, lightning) are only imported by the functions that
+need them.
+
+>>> import torch, xai_sparsity as xs
+>>> xs.perplexity_sparsity(torch.tensor([[1.0, 1.0, 0.0, 0.0]])).tolist()  # doctest: +ELLIPSIS
+[0.666...]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from xai_sparsity._errors import XaiSparsityError
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # measures
+    "perplexity_sparsity": "measures",
+    "zero_fraction": "measures",
+    "hoyer_sparsity": "measures",
+    "entropy_sparsity": "measures",
+    "lifetime_sparsity": "measures",
+    "compute_measure": "measures",
+    "MEASURES": "measures",
+    # correlation
+    "filter_correlation": "correlation",
+    "weight_similarity": "correlation",
+    "CorrelationAccumulator": "correlation",
+    # capture
+    "list_layers": "capture",
+    "resolve_layers": "capture",
+    "capture": "capture",
+    "LayerInfo": "capture",
+    "LayerTable": "capture",
+    "Capture": "capture",
+    # dataset sweep
+    "sweep": "sweep",
+    "SweepResult": "sweep",
+    # run directories and analysis
+    "RunDir": "rundir",
+    "load_history": "rundir",
+    "analyze": "analysis",
+    "EarlyWarning": "analysis",
+    "Analysis": "analysis",
+}
+
+__all__ = ["XaiSparsityError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xai_sparsity' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"xai_sparsity.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from xai_sparsity.analysis import Analysis, EarlyWarning, analyze
+    from xai_sparsity.capture import (
+        Capture,
+        LayerInfo,
+        LayerTable,
+        capture,
+        list_layers,
+        resolve_layers,
+    )
+    from xai_sparsity.correlation import (
+        CorrelationAccumulator,
+        filter_correlation,
+        weight_similarity,
+    )
+    from xai_sparsity.measures import (
+        MEASURES,
+        compute_measure,
+        entropy_sparsity,
+        hoyer_sparsity,
+        lifetime_sparsity,
+        perplexity_sparsity,
+        zero_fraction,
+    )
+    from xai_sparsity.rundir import RunDir, load_history
+    from xai_sparsity.sweep import SweepResult, sweep

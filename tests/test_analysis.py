@@ -1,0 +1,98 @@
+"""t_L, t_s, the lead and the early-warning rule on constructed histories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xai_sparsity import XaiSparsityError
+from xai_sparsity.analysis import (
+    EarlyWarning,
+    analyze,
+    ema,
+    overfitting_onset,
+    smooth,
+    sustained_rise_onset,
+)
+
+
+def _history(epochs: int = 40, turn: int = 20, rise_at: int = 15) -> pd.DataFrame:
+    e = np.arange(1, epochs + 1)
+    test_loss = 1.0 + 0.002 * (e - turn) ** 2
+    deep = np.where(e < rise_at, 0.6, 0.6 + 0.02 * (e - rise_at)).clip(max=0.8)
+    flat = np.full(epochs, 0.4)
+    return pd.DataFrame(
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "train_acc": np.minimum(1, e / 10),
+            "test_loss": test_loss,
+            "test_acc": 0.9,
+            "sparsity:conv1": flat,
+            "sparsity:conv4": deep,
+        }
+    )
+
+
+def test_ema_and_zero_phase_smoothing() -> None:
+    np.testing.assert_allclose(ema([1, np.nan, 3], alpha=0.5), [1, 1, 2])
+    x = np.r_[np.zeros(10), np.ones(10)]
+    s = smooth(x, 0.3)
+    assert abs(np.argmax(np.diff(s)) - 9) <= 1  # the step is not shifted later, unlike a causal EMA
+    with pytest.raises(XaiSparsityError, match="alpha=0"):
+        ema([1.0], alpha=0)
+
+
+def test_onset_and_lead_on_a_constructed_run() -> None:
+    df = _history()
+    a = analyze(df)
+    assert a.turned and a.t_L == 20
+    assert a.t_s["conv1"] is None and a.lead["conv1"] is None
+    assert a.t_s["conv4"] is not None and abs(a.t_s["conv4"] - 15) <= 1
+    assert a.lead["conv4"] == a.t_L - a.t_s["conv4"] > 0
+    # the default rule needs half the layers (1 of 2): it fires after the rise began, before t_L
+    assert a.warning_epoch is not None and 15 < a.warning_epoch < 20
+    assert a.warning_lead == 20 - a.warning_epoch
+    assert analyze(df, min_layers=2).warning_epoch is None  # only 1 of 2 layers rises
+    assert set(a.table()["layer"]) == {"conv1", "conv4"}
+    assert "minimum at epoch 20" in str(a)
+
+
+def test_no_turn_no_onset() -> None:
+    loss = np.linspace(2, 1, 30)
+    onset = overfitting_onset(loss)
+    assert not onset.turned and onset.t_L == 30
+    assert sustained_rise_onset(np.linspace(0.8, 0.5, 30)) is None
+
+
+def test_early_warning_is_causal_and_fires_once() -> None:
+    fired: list[int] = []
+    w = EarlyWarning(
+        ["a"],
+        alpha=1.0,
+        patience=2,
+        min_rise=0.05,
+        warmup=0,
+        callback=lambda epoch, info: fired.append(epoch),
+    )
+    series = [0.5, 0.5, 0.52, 0.56, 0.6, 0.7]
+    results = [w.update(i + 1, {"a": v}) for i, v in enumerate(series)]
+    assert results == [False, False, False, True, False, False]
+    assert fired == [4] and w.fired_epoch == 4
+    gated = EarlyWarning(["a"], alpha=1.0, patience=2, min_rise=0.05, warmup=0, min_train_acc=0.99)
+    assert not any(gated.update(i + 1, {"a": v}, train_acc=0.5) for i, v in enumerate(series))
+
+
+def test_bad_analysis_input() -> None:
+    df = _history()
+    with pytest.raises(XaiSparsityError, match=r"unknown analysis setting\(s\) \['alfa'\]"):
+        analyze(df, alfa=0.3)
+    with pytest.raises(XaiSparsityError, match=r"layer\(s\) \['conv9'\].*conv1"):
+        analyze(df, ["conv9"])
+    with pytest.raises(XaiSparsityError, match="measure 'hoyer' has no columns"):
+        analyze(df, measure="hoyer")
+    with pytest.raises(XaiSparsityError, match="no history rows"):
+        analyze(df.iloc[:0])
+    with pytest.raises(XaiSparsityError, match="watches layers"):
+        EarlyWarning(["x"]).update(1, {"y": 0.1})

@@ -1,0 +1,189 @@
+"""Figures from synthetic run directories: non-empty figures, the data behind them, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xai_sparsity import XaiSparsityError
+from xai_sparsity.rundir import RunDir
+
+LAYERS = ["features.1", "features.3", "features.6", "classifier.1"]
+CHANNELS = {"features.1": 4, "features.3": 6, "features.6": 8, "classifier.1": 5}
+ARRAY_EPOCHS = (2, 4, 6, 8, 10)
+N_EPOCHS = 10
+
+
+def make_run(path: Path, *, overfit: bool = True, seed: int = 0, probe: int = 3) -> RunDir:
+    """A synthetic run: the test loss falls then (if overfit) rises after epoch 5, while the
+    deepest conv layer's sparsity rises from epoch 3; arrays every second epoch."""
+    rng = np.random.default_rng(seed)
+    run = RunDir(path, create=True)
+    run.write_config({"model": "synthetic", "layers": LAYERS, "seed": seed})
+    for e in range(1, N_EPOCHS + 1):
+        test = 1.0 / e + (0.08 * max(0, e - 5) ** 1.5 if overfit else 0.0)
+        row: dict[str, float] = {
+            "epoch": e,
+            "train_loss": 1.2 / e,
+            "train_acc": 1.0 - 0.5 / e,
+            "test_loss": test,
+            "test_acc": 0.9 - 0.4 / e - 0.01 * max(0, e - 5),
+        }
+        for i, name in enumerate(LAYERS):
+            rise = 0.05 * max(0, e - 3) if name == "features.6" else 0.0
+            row[f"sparsity:{name}"] = 0.5 + 0.05 * i + rise + 0.002 * rng.standard_normal()
+            row[f"sparsity_std:{name}"] = 0.05
+            row[f"hoyer:{name}"] = 0.3 + 0.02 * i + rise
+            row[f"correlation:{name}"] = 0.2 + 0.02 * e * (i + 1) / len(LAYERS)
+            row[f"dead:{name}"] = 0
+        run.append_history(row)
+        if e in ARRAY_EPOCHS:
+            arrays: dict[str, np.ndarray] = {}
+            for name in LAYERS:
+                c = CHANNELS[name]
+                arrays[f"channel:{name}"] = rng.uniform(0.3, 0.9, size=c) + 0.01 * e
+                arrays[f"layer:{name}"] = rng.uniform(0.4, 0.8, size=12)
+                a = rng.standard_normal((c, c))
+                r = np.corrcoef(a @ rng.standard_normal((c, 30)))
+                arrays[f"correlation:{name}"] = r
+                arrays[f"lifetime:{name}"] = rng.uniform(0.1, 0.9, size=c)
+                if name != "classifier.1":
+                    arrays[f"spatial:{name}"] = rng.uniform(0, 1, size=(probe, 4, 4))
+            run.save_arrays(e, arrays)
+    run.save_probe(rng.uniform(0, 1, size=(probe, 3, 16, 16)).astype(np.float32), np.arange(probe))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    return make_run(tmp_path_factory.mktemp("baseline"))
+
+
+@pytest.fixture(scope="module")
+def arms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunDir]:
+    return {
+        name: make_run(tmp_path_factory.mktemp(name), overfit=name == "none", seed=i)
+        for i, name in enumerate(("none", "dropout", "batch norm", "sparsity penalty"))
+    }
+
+
+def _n_artists(fig) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    lines = sum(len(ax.get_lines()) for ax in fig.axes)
+    images = sum(len(ax.get_images()) for ax in fig.axes)
+    return lines, images
+
+
+# --------------------------------------------------------------------------- figure 1 and 2
+def test_loss_and_sparsity_marks_onsets(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_loss_and_sparsity
+
+    fig = plot_loss_and_sparsity(run)
+    lines, _ = _n_artists(fig)
+    assert len(fig.axes) == 2
+    assert lines >= 2 + len(LAYERS)
+    data = fig.xai_data
+    assert list(data.columns[:3]) == ["epoch", "train_loss", "test_loss"]
+    assert [c.split(":", 1)[1] for c in data.columns[3:]] == LAYERS
+    assert data.attrs["t_L"] == 5
+    assert data.attrs["t_s"]["features.6"] is not None
+    assert data.attrs["t_s"]["features.6"] <= data.attrs["t_L"]
+    # t_L is drawn on both panels at x = 5
+    for ax in fig.axes:
+        assert any(list(line.get_xdata()) == [5, 5] for line in ax.get_lines())
+
+
+def test_loss_and_sparsity_options(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_loss_and_sparsity
+
+    fig = plot_loss_and_sparsity(run, ["features.6"], measure="hoyer", accuracy=True)
+    assert len(fig.axes) == 3
+    assert list(fig.xai_data.columns) == [
+        "epoch", "train_loss", "test_loss", "train_acc", "test_acc", "hoyer:features.6",
+    ]  # fmt: skip
+    np.testing.assert_allclose(fig.xai_data["hoyer:features.6"], run.history()["hoyer:features.6"])
+    # redrawing into the same figure replaces its content
+    again = plot_loss_and_sparsity(run, ["features.1"], fig=fig)
+    assert again is fig and len(fig.axes) == 2
+
+
+def test_sparsity_heatmap(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_sparsity_heatmap
+
+    fig = plot_sparsity_heatmap(run)
+    _, images = _n_artists(fig)
+    assert images == 1
+    data = fig.xai_data
+    assert list(data.index) == LAYERS  # rows input -> output
+    assert list(data.columns) == list(range(1, N_EPOCHS + 1))
+    shown = fig.axes[0].get_images()[0].get_array()
+    np.testing.assert_allclose(np.asarray(shown), data.to_numpy())
+    hist = run.history()
+    np.testing.assert_allclose(data.loc["features.3"].to_numpy(), hist["sparsity:features.3"])
+
+
+def test_unknown_layer_and_measure(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
+
+    with pytest.raises(XaiSparsityError, match=r"features\.7.*features\.6"):
+        plot_loss_and_sparsity(run, ["features.7"])
+    with pytest.raises(XaiSparsityError, match=r"'sparsty'.*'hoyer'.*'sparsity'"):
+        plot_sparsity_heatmap(run, measure="sparsty")
+
+
+def test_empty_run_is_an_error(tmp_path: Path) -> None:
+    from xai_sparsity.figures import plot_sparsity_heatmap
+
+    run = RunDir(tmp_path / "empty", create=True)
+    run.write_config({})
+    with pytest.raises(XaiSparsityError, match="no history"):
+        plot_sparsity_heatmap(run)
+
+
+# --------------------------------------------------------------------------- saving
+def test_save_figure_round_trips_dataframe(run: RunDir, tmp_path: Path) -> None:
+    from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap, save_figure
+
+    fig = plot_loss_and_sparsity(run)
+    paths = save_figure(fig, tmp_path / "fig1")
+    assert [p.name for p in paths] == ["fig1.pdf", "fig1.svg", "fig1.png", "fig1.csv"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert paths[0].read_bytes()[:4] == b"%PDF"
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    back = pd.read_csv(paths[-1])
+    pd.testing.assert_frame_equal(back, fig.xai_data.reset_index(drop=True), check_dtype=False)
+
+    heat = plot_sparsity_heatmap(run)
+    (csv,) = save_figure(heat, tmp_path / "sub" / "fig2", formats=())
+    back = pd.read_csv(csv, index_col="layer")
+    np.testing.assert_allclose(back.to_numpy(), heat.xai_data.to_numpy())
+    assert list(back.index) == LAYERS
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_save_figure_errors(run: RunDir, tmp_path: Path) -> None:
+    from xai_sparsity.figures import plot_sparsity_heatmap, save_figure
+
+    fig = plot_sparsity_heatmap(run)
+    with pytest.raises(XaiSparsityError, match="'gif'"):
+        save_figure(fig, tmp_path / "x", formats=("gif",))
+    with pytest.raises(XaiSparsityError, match="data"):
+        save_figure(fig, tmp_path / "x", data=[1, 2, 3])  # type: ignore[arg-type]
+
+
+def test_paper_style_presets() -> None:
+    import matplotlib as mpl
+
+    from xai_sparsity.figures import OKABE_ITO, paper_rc, paper_style
+
+    assert paper_rc("single")["figure.figsize"][0] == 3.5
+    assert paper_rc("double")["figure.figsize"][0] == 7.1
+    before = mpl.rcParams["font.size"]
+    with paper_style("notebook"):
+        assert mpl.rcParams["font.size"] == 11.0
+        assert mpl.rcParams["axes.prop_cycle"].by_key()["color"][0] == OKABE_ITO[0]
+    assert mpl.rcParams["font.size"] == before
+    with pytest.raises(XaiSparsityError, match=r"'poster'.*'single'"):
+        paper_rc("poster")

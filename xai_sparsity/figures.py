@@ -1,0 +1,468 @@
+"""Paper figures from run directories: one function per figure of the project (SCIENCE.md).
+
+Every function returns a :class:`matplotlib.figure.Figure` built with the object API (no pyplot
+state, nothing is shown) and attaches the data it plotted as ``fig.xai_data``: a
+:class:`pandas.DataFrame` or a ``dict`` of numpy arrays. :func:`save_figure` writes the figure as
+PDF, SVG and PNG together with that data (CSV or npz), each file atomically.
+
+==  ==========================================  ==============================================
+#   figure                                      function
+==  ==========================================  ==============================================
+1   losses + per-layer sparsity, t_L and t_s    :func:`plot_loss_and_sparsity`
+2   layer x epoch sparsity heatmap              :func:`plot_sparsity_heatmap`
+3   per-filter sparsity and its evolution       :func:`plot_channel_sparsity`
+4   spatial sparsity maps beside attributions   :func:`plot_spatial_maps`, :func:`plot_run_spatial_maps`
+5   filter correlation, baseline vs penalised   :func:`plot_correlation`, :func:`plot_correlation_over_epochs`
+6   regulariser comparison                      :func:`plot_regulariser_comparison`
+==  ==========================================  ==============================================
+
+Runs are given as a path or a :class:`~xai_sparsity.rundir.RunDir`; comparisons take a ``dict``
+mapping an arm name to a run. Every function accepts ``fig=`` to draw into an existing figure
+(cleared first), which lets widgets redraw without creating figures.
+
+Style: :func:`paper_style` is a context manager with presets ``"single"`` (3.5 in column),
+``"double"`` (7.1 in) and ``"notebook"``; the colour cycle is Okabe-Ito (colour-blind safe),
+sequential maps use ``"viridis"`` and correlations the diverging ``"RdBu_r"`` on [-1, 1].
+
+>>> import tempfile, xai_sparsity as xs
+>>> from xai_sparsity.figures import plot_sparsity_heatmap, save_figure
+>>> run = xs.RunDir(tempfile.mkdtemp(), create=True)
+>>> for e in (1, 2, 3):
+...     run.append_history({"epoch": e, "test_loss": 1.0 / e, "sparsity:relu1": 0.1 * e})
+>>> fig = plot_sparsity_heatmap(run)
+>>> fig.xai_data.shape
+(1, 3)
+>>> [p.suffix for p in save_figure(fig, f"{run.path}/heatmap", formats=("png",))]
+['.png', '.csv']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from xai_sparsity._errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.rundir import RunDir, as_run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from xai_sparsity.analysis import Analysis
+
+RunLike = RunDir | str | os.PathLike[str]
+
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#000000",  # black
+    "#F0E442",  # yellow (last: weak on white)
+)
+"""The Okabe-Ito colour-blind-safe palette, ordered for contrast on white."""
+
+SEQUENTIAL_CMAP = "viridis"
+DIVERGING_CMAP = "RdBu_r"
+ATTRIBUTION_CMAP = "inferno"
+
+COLUMN_WIDTHS = {"single": 3.5, "double": 7.1, "notebook": 9.0}
+"""Figure widths in inches: one journal column, two columns, and a notebook cell."""
+
+DATA_FORMATS = ("csv", "npz")
+FIGURE_FORMATS = ("pdf", "svg", "png", "jpg", "jpeg", "tif", "tiff", "eps", "ps")
+
+
+# --------------------------------------------------------------------------- style
+def paper_rc(preset: str = "single") -> dict[str, Any]:
+    """The matplotlib rc settings of a style preset ("single", "double" or "notebook").
+
+    >>> paper_rc("double")["figure.figsize"]
+    (7.1, 2.6)
+    """
+    from cycler import cycler
+
+    check_choice("preset", preset, tuple(COLUMN_WIDTHS))
+    small = preset != "notebook"
+    base = 8.0 if small else 11.0
+    width = COLUMN_WIDTHS[preset]
+    return {
+        "figure.figsize": (width, round(width * (0.72 if preset == "single" else 0.366), 2)),
+        "figure.dpi": 100,
+        "savefig.dpi": 300 if small else 150,
+        "savefig.bbox": "tight",
+        "savefig.pad_inches": 0.02,
+        "font.size": base,
+        "axes.titlesize": base,
+        "axes.labelsize": base,
+        "legend.fontsize": base - 1,
+        "xtick.labelsize": base - 1,
+        "ytick.labelsize": base - 1,
+        "lines.linewidth": 1.2 if small else 1.8,
+        "lines.markersize": 3.5 if small else 5.0,
+        "axes.linewidth": 0.6 if small else 0.8,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.prop_cycle": cycler(color=list(OKABE_ITO)),
+        "image.cmap": SEQUENTIAL_CMAP,
+        "legend.frameon": False,
+        "pdf.fonttype": 42,  # embed TrueType: editable text in PDF
+        "ps.fonttype": 42,
+        "svg.fonttype": "none",  # text stays text in SVG
+    }
+
+
+def paper_style(preset: str = "single") -> contextlib.AbstractContextManager[Any]:
+    """Context manager applying :func:`paper_rc` (figures created inside use the preset).
+
+    >>> from xai_sparsity.figures import paper_style
+    >>> with paper_style("double"):
+    ...     pass
+    """
+    import matplotlib as mpl
+
+    rc: Any = paper_rc(preset)
+    return mpl.rc_context(rc)
+
+
+def _width() -> float:
+    import matplotlib as mpl
+
+    return float(mpl.rcParams["figure.figsize"][0])
+
+
+def _new_figure(fig: Figure | None, width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    if fig is None:
+        return Figure(figsize=(width, height), layout="constrained")
+    fig.clear()
+    fig.set_size_inches(width, height)
+    with contextlib.suppress(Exception):
+        fig.set_layout_engine("constrained")
+    return fig
+
+
+def _attach(fig: Figure, data: pd.DataFrame | dict[str, np.ndarray]) -> Figure:
+    fig.xai_data = data  # type: ignore[attr-defined]
+    return fig
+
+
+def figure_data(fig: Figure) -> pd.DataFrame | dict[str, np.ndarray] | None:
+    """The data a figure function attached to ``fig`` (``fig.xai_data``), or None."""
+    return getattr(fig, "xai_data", None)
+
+
+def _colors(n: int) -> list[Any]:
+    """n distinct colours: Okabe-Ito up to 7, else evenly spaced viridis (input -> output)."""
+    if n <= 7:
+        return list(OKABE_ITO[:n])
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps[SEQUENTIAL_CMAP]
+    return [cmap(v) for v in np.linspace(0.0, 0.9, n)]
+
+
+# --------------------------------------------------------------------------- run helpers
+def _run_name(run: RunDir) -> str:
+    return run.name or str(run.path)
+
+
+def _measures_in(df: pd.DataFrame) -> list[str]:
+    return sorted({c.split(":", 1)[0] for c in df.columns if ":" in c})
+
+
+def _measure_layers(df: pd.DataFrame, measure: str, run: RunDir) -> list[str]:
+    """Layers having a ``<measure>:<layer>`` column, in column order (input -> output)."""
+    prefix = f"{measure}:"
+    layers = [c[len(prefix) :] for c in df.columns if c.startswith(prefix)]
+    if not layers:
+        raise XaiSparsityError(
+            f"measure {measure!r} has no columns in the history of run {_run_name(run)!r}; "
+            f"measures available: {_measures_in(df)}"
+        )
+    return layers
+
+
+def _check_layers(layers: Sequence[str], valid: Sequence[str], what: str) -> list[str]:
+    if isinstance(layers, str):
+        layers = [layers]
+    bad = [n for n in layers if n not in valid]
+    if bad:
+        hint = closest(bad[0], valid, n=3)
+        raise XaiSparsityError(
+            f"layer(s) {bad} not found in {what}; valid layers: {list(valid)}"
+            + (f" (closest to {bad[0]!r}: {hint})" if hint else "")
+        )
+    return list(layers)
+
+
+def _history(run: RunDir) -> pd.DataFrame:
+    df = run.history()
+    if df.empty:
+        raise XaiSparsityError(f"run {_run_name(run)!r} has no history rows yet")
+    return df
+
+
+def _load_arrays(run: RunDir, epoch: int | None) -> tuple[int, dict[str, np.ndarray]]:
+    epochs = run.array_epochs()
+    if not epochs:
+        raise XaiSparsityError(
+            f"run {_run_name(run)!r} has no per-epoch arrays (arrays/epoch_NNNN.npz)"
+        )
+    chosen = epochs[-1] if epoch is None else int(epoch)
+    if chosen not in epochs:
+        raise XaiSparsityError(
+            f"epoch {epoch!r} has no arrays in run {_run_name(run)!r}; epochs with arrays: {epochs}"
+        )
+    return chosen, run.load_arrays(chosen)
+
+
+def _array(
+    run: RunDir, arrays: Mapping[str, np.ndarray], kind: str, layer: str, epoch: int
+) -> np.ndarray:
+    key = f"{kind}:{layer}"
+    if key not in arrays:
+        have = [k.split(":", 1)[1] for k in arrays if k.startswith(f"{kind}:")]
+        if not have:
+            raise XaiSparsityError(
+                f"the arrays of epoch {epoch} in run {_run_name(run)!r} have no {kind!r} entries; "
+                f"keys: {sorted(arrays)}"
+            )
+        _check_layers(
+            [layer], have, f"the {kind!r} arrays of epoch {epoch} of run {_run_name(run)!r}"
+        )
+    return np.asarray(arrays[key])
+
+
+def _as_runs(runs: Mapping[str, RunLike] | RunLike) -> dict[str, RunDir]:
+    if isinstance(runs, Mapping):
+        if not runs:
+            raise XaiSparsityError("runs is an empty mapping; give at least one arm")
+        return {str(k): as_run(v) for k, v in runs.items()}
+    run = as_run(runs)
+    return {_run_name(run): run}
+
+
+def _mark_epoch(ax: Axes, epoch: float, color: str, label: str | None, style: str = "--") -> None:
+    ax.axvline(epoch, color=color, linestyle=style, linewidth=0.9, alpha=0.9, label=label)
+
+
+# --------------------------------------------------------------------------- figure 1
+def plot_loss_and_sparsity(
+    run: RunLike,
+    layers: Sequence[str] | None = None,
+    *,
+    measure: str = "sparsity",
+    analysis: Analysis | None = None,
+    accuracy: bool = False,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 1: train/test loss (top) and per-layer sparsity (bottom) over the same epochs.
+
+    The epoch of the smoothed test-loss minimum ``t_L`` is a dashed black line on both panels;
+    each layer's sustained-rise onset ``t_s,l`` is a dotted line and a marker in the layer's colour.
+    ``analysis`` defaults to ``xai_sparsity.analysis.analyze(run, layers, measure=measure)``.
+
+    Args:
+        run: run directory (path or RunDir).
+        layers: layers to draw (default: every layer with a ``<measure>:<layer>`` column).
+        measure: history column prefix, e.g. "sparsity", "hoyer", "zero_fraction", "correlation".
+        analysis: a precomputed :class:`~xai_sparsity.analysis.Analysis`.
+        accuracy: also draw train/test accuracy in a third panel.
+        fig: draw into this figure (cleared) instead of a new one.
+
+    Returns:
+        The figure; ``fig.xai_data`` is a DataFrame with columns ``epoch``, ``train_loss``,
+        ``test_loss`` (and accuracies) and ``<measure>:<layer>`` per layer; its ``attrs`` hold
+        ``t_L`` and ``t_s`` (dict layer -> epoch or None).
+    """
+    r = as_run(run)
+    df = _history(r)
+    valid = _measure_layers(df, measure, r)
+    chosen = valid if layers is None else _check_layers(layers, valid, f"run {_run_name(r)!r}")
+    if analysis is None and "test_loss" in df.columns and df["test_loss"].notna().any():
+        from xai_sparsity.analysis import analyze
+
+        analysis = analyze(r, chosen, measure=measure)
+    loss_cols = [c for c in ("train_loss", "test_loss") if c in df.columns]
+    acc_cols = [c for c in ("train_acc", "test_acc") if accuracy and c in df.columns]
+    cols = ["epoch", *loss_cols, *acc_cols, *(f"{measure}:{n}" for n in chosen)]
+    data = df[cols].copy()
+    t_L = analysis.t_L if analysis is not None else None
+    t_s = {n: analysis.t_s.get(n) for n in chosen} if analysis is not None else {}
+    data.attrs = {"t_L": t_L, "t_s": t_s, "measure": measure}
+
+    n_panels = 3 if acc_cols else 2
+    w = _width()
+    fig = _new_figure(fig, w, w * (0.42 * n_panels + 0.1))
+    axes = fig.subplots(n_panels, 1, sharex=True)
+    ax_loss, ax_s = axes[0], axes[-1]
+    epochs = data["epoch"].to_numpy()
+    styles = {"train_loss": ("#000000", "-"), "test_loss": ("#D55E00", "-")}
+    for c in loss_cols:
+        color, ls = styles[c]
+        ax_loss.plot(epochs, data[c], color=color, linestyle=ls, label=c.replace("_", " "))
+    ax_loss.set_ylabel("loss")
+    if acc_cols:
+        ax_acc = axes[1]
+        for c, color in zip(acc_cols, ("#000000", "#D55E00"), strict=False):
+            ax_acc.plot(epochs, data[c], color=color, label=c.replace("_", " "))
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend(loc="best")
+    colors = _colors(len(chosen))
+    for name, color in zip(chosen, colors, strict=True):
+        y = data[f"{measure}:{name}"].to_numpy(dtype=float)
+        ax_s.plot(epochs, y, color=color, label=name)
+        t = t_s.get(name)
+        if t is not None:
+            _mark_epoch(ax_s, t, color, None, style=":")
+            hit = np.flatnonzero(epochs == t)
+            if hit.size:
+                ax_s.plot([t], [y[hit[0]]], marker="o", color=color, linestyle="none")
+    if t_L is not None:
+        for ax in axes:
+            _mark_epoch(ax, t_L, "#000000", None)
+        ax_loss.annotate(
+            "$t_L$", (t_L, 1.0), xycoords=("data", "axes fraction"), ha="left", va="top",
+            xytext=(2, 0), textcoords="offset points",
+        )  # fmt: skip
+    ax_loss.legend(loc="best")
+    ax_s.set_ylabel(measure.replace("_", " "))
+    ax_s.set_xlabel("epoch")
+    ax_s.legend(
+        loc="best", ncol=2 if len(chosen) > 4 else 1, title="dotted: $t_s$" if t_s else None
+    )
+    return _attach(fig, data)
+
+
+# --------------------------------------------------------------------------- figure 2
+def plot_sparsity_heatmap(
+    run: RunLike,
+    *,
+    measure: str = "sparsity",
+    layers: Sequence[str] | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    analysis: Analysis | None = None,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 2: layer x epoch heatmap of ``<measure>:<layer>``, rows from input (top) to output.
+
+    Args:
+        run: run directory (path or RunDir).
+        measure: history column prefix ("sparsity", "hoyer", "zero_fraction", ...).
+        layers: a subset of layers (default all, in history column order).
+        vmin, vmax: colour range (default: the data's range).
+        analysis: if given, ``t_L`` is drawn as a dashed white line.
+        fig: draw into this figure (cleared) instead of a new one.
+
+    Returns:
+        The figure; ``fig.xai_data`` is a DataFrame (rows: layers, index name "layer"; columns:
+        epochs) of the plotted values.
+    """
+    r = as_run(run)
+    df = _history(r)
+    valid = _measure_layers(df, measure, r)
+    chosen = valid if layers is None else _check_layers(layers, valid, f"run {_run_name(r)!r}")
+    epochs = df["epoch"].astype(int).to_numpy()
+    values = np.stack([df[f"{measure}:{n}"].to_numpy(dtype=float) for n in chosen])
+    data = pd.DataFrame(values, index=pd.Index(chosen, name="layer"), columns=list(epochs))
+
+    w = _width()
+    fig = _new_figure(fig, w, max(1.4, 0.6 + 0.22 * len(chosen)))
+    ax = fig.add_subplot()
+    step = float(np.median(np.diff(epochs))) if len(epochs) > 1 else 1.0
+    extent = (epochs[0] - step / 2, epochs[-1] + step / 2, len(chosen) - 0.5, -0.5)
+    im = ax.imshow(
+        values, aspect="auto", interpolation="nearest", cmap=SEQUENTIAL_CMAP,
+        vmin=vmin, vmax=vmax, extent=extent,
+    )  # fmt: skip
+    ax.set_yticks(range(len(chosen)), chosen)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("layer (input → output)")
+    if analysis is not None and analysis.t_L is not None:
+        _mark_epoch(ax, analysis.t_L, "white", None)
+    fig.colorbar(im, ax=ax, label=measure.replace("_", " "), shrink=0.9)
+    return _attach(fig, data)
+
+
+# --------------------------------------------------------------------------- saving
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file_object)`` on a temp file in ``path``'s folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_figure(
+    fig: Figure,
+    path_stem: str | os.PathLike[str],
+    data: pd.DataFrame | Mapping[str, Any] | None = None,
+    formats: Sequence[str] = ("pdf", "svg", "png"),
+    *,
+    dpi: float | None = None,
+) -> list[Path]:
+    """Save ``fig`` as each of ``formats`` plus the data behind it, every file atomically.
+
+    Args:
+        fig: the figure.
+        path_stem: path without suffix; ``"out/fig1"`` writes ``out/fig1.pdf``, ``out/fig1.svg``...
+        data: the data to write beside it (default: ``fig.xai_data`` attached by the figure
+            functions). A DataFrame is written as ``<stem>.csv`` (with its index when it is named
+            or not a plain range), a mapping of arrays as ``<stem>.npz``.
+        formats: figure formats (matplotlib names); ``()`` writes only the data.
+        dpi: resolution of raster formats (default: rcParams ``savefig.dpi``).
+
+    Returns:
+        The written paths: figures in ``formats`` order, then the data file (if any).
+    """
+    formats = tuple(f.lower().lstrip(".") for f in formats)
+    for f in formats:
+        check_choice("format", f, FIGURE_FORMATS)
+    stem = Path(path_stem)
+    if data is None:
+        data = figure_data(fig)
+    if data is not None and not isinstance(data, (pd.DataFrame, Mapping)):
+        raise XaiSparsityError(
+            f"data must be a pandas DataFrame or a mapping of arrays; got {type(data).__name__}"
+        )
+    written: list[Path] = []
+    for f in formats:
+        target = stem.with_name(f"{stem.name}.{f}")
+        _atomic_write(target, lambda fh, f=f: fig.savefig(fh, format=f, dpi=dpi))
+        written.append(target)
+    if isinstance(data, pd.DataFrame):
+        target = stem.with_name(f"{stem.name}.csv")
+        keep_index = data.index.name is not None or not isinstance(data.index, pd.RangeIndex)
+        text = data.to_csv(index=keep_index)
+        _atomic_write(target, lambda fh: fh.write(text.encode("utf-8")))
+        written.append(target)
+    elif data is not None:
+        import io
+
+        arrays: dict[str, Any] = {str(k): np.asarray(v) for k, v in data.items()}
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        target = stem.with_name(f"{stem.name}.npz")
+        _atomic_write(target, lambda fh: fh.write(buf.getvalue()))
+        written.append(target)
+    return written

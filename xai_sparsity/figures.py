@@ -162,6 +162,23 @@ def figure_data(fig: Figure) -> pd.DataFrame | dict[str, np.ndarray] | None:
     return getattr(fig, "xai_data", None)
 
 
+def _to_display(img: np.ndarray) -> np.ndarray:
+    """(C, H, W) or (H, W) image -> (H, W) grey or (H, W, 3) RGB scaled to [0, 1] (min-max)."""
+    a = np.asarray(img, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+    elif a.ndim == 3:
+        a = a.mean(axis=0)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    """(C, H, W) or (H, W) image -> (H, W) grey in [0, 1], the backdrop of overlays."""
+    a = _to_display(img)
+    return a.mean(axis=-1) if a.ndim == 3 else a
+
+
 def _colors(n: int) -> list[Any]:
     """n distinct colours: Okabe-Ito up to 7, else evenly spaced viridis (input -> output)."""
     if n <= 7:

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "filter_correlation": "correlation",
     "weight_similarity": "correlation",
     "CorrelationAccumulator": "correlation",
+    "correlation_summary": "correlation",
     # capture
     "list_layers": "capture",
     "resolve_layers": "capture",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from xai_sparsity.correlation import (
         CorrelationAccumulator,
+        correlation_summary,
         filter_correlation,
         weight_similarity,
     )

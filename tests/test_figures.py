@@ -101,8 +101,13 @@ def test_loss_and_sparsity_options(run: RunDir) -> None:
     fig = plot_loss_and_sparsity(run, ["features.6"], measure="hoyer", accuracy=True)
     assert len(fig.axes) == 3
     assert list(fig.xai_data.columns) == [
-        "epoch", "train_loss", "test_loss", "train_acc", "test_acc", "hoyer:features.6",
-    ]  # fmt: skip
+        "epoch",
+        "train_loss",
+        "test_loss",
+        "train_acc",
+        "test_acc",
+        "hoyer:features.6",
+    ]
     np.testing.assert_allclose(fig.xai_data["hoyer:features.6"], run.history()["hoyer:features.6"])
     # redrawing into the same figure replaces its content
     again = plot_loss_and_sparsity(run, ["features.1"], fig=fig)
@@ -187,3 +192,178 @@ def test_paper_style_presets() -> None:
     assert mpl.rcParams["font.size"] == before
     with pytest.raises(XaiSparsityError, match=r"'poster'.*'single'"):
         paper_rc("poster")
+
+
+# --------------------------------------------------------------------------- figure 3
+def test_channel_sparsity(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_channel_sparsity
+
+    fig = plot_channel_sparsity(run, "features.3")
+    assert len(fig.axes[0].patches) == CHANNELS["features.3"]
+    assert len(fig.axes[1].get_images()) == 1
+    data = fig.xai_data
+    assert data["epochs"].tolist() == list(ARRAY_EPOCHS)
+    assert data["channel_sparsity"].shape == (len(ARRAY_EPOCHS), CHANNELS["features.3"])
+    assert int(data["epoch"]) == ARRAY_EPOCHS[-1]
+    last = run.load_arrays(ARRAY_EPOCHS[-1])["channel:features.3"]
+    np.testing.assert_allclose(data["channel_sparsity"][-1], last)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, np.sort(last)[::-1])  # sorted bars
+    at4 = plot_channel_sparsity(run, "features.3", epoch=4).xai_data
+    assert int(at4["epoch"]) == 4
+    np.testing.assert_allclose(at4["channel_sparsity"][1], run.load_arrays(4)["channel:features.3"])
+
+
+def test_array_errors(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_channel_sparsity, plot_run_spatial_maps
+
+    with pytest.raises(XaiSparsityError, match=r"epoch 5 .*\[2, 4, 6, 8, 10\]"):
+        plot_channel_sparsity(run, "features.3", epoch=5)
+    with pytest.raises(XaiSparsityError, match=r"'features\.9'.*'features\.1'"):
+        plot_channel_sparsity(run, "features.9")
+    with pytest.raises(XaiSparsityError, match=r"'classifier\.1'.*valid layers"):
+        plot_run_spatial_maps(run, "classifier.1")
+
+
+# --------------------------------------------------------------------------- figure 4
+def test_spatial_maps_from_arrays() -> None:
+    import torch
+
+    from xai_sparsity.figures import plot_spatial_maps
+
+    rng = np.random.default_rng(0)
+    images = torch.rand(2, 3, 16, 16)
+    maps = rng.uniform(0, 1, size=(2, 4, 4))
+    attrs = {"saliency": torch.rand(2, 16, 16), "gradcam": torch.rand(2, 8, 8)}
+    fig = plot_spatial_maps(
+        images, maps, attributions=attrs, feature_maps=torch.rand(2, 5, 4, 4), titles=["a", "b"]
+    )
+    assert sum(len(ax.get_images()) for ax in fig.axes) == 2 * (1 + 2 + 2 * 2 + 1)
+    data = fig.xai_data
+    up = data["spatial_sparsity_upsampled"]
+    assert up.shape == (2, 16, 16) and data["attribution:gradcam"].shape == (2, 16, 16)
+    # bilinear upsampling keeps the range and the mean of each map
+    assert up.min() >= maps.min() - 1e-6 and up.max() <= maps.max() + 1e-6
+    np.testing.assert_allclose(up.mean(axis=(1, 2)), maps.mean(axis=(1, 2)), atol=0.05)
+    assert data["feature_maps"].shape == (2, 4, 4)
+    only = plot_spatial_maps(images[:, :1], maps)  # grey images, no extras
+    assert len([ax for ax in only.axes if ax.get_images()]) == 4
+    with pytest.raises(XaiSparsityError, match="K = 2"):
+        plot_spatial_maps(images, maps[:1])
+
+
+def test_run_spatial_maps(run: RunDir) -> None:
+    from xai_sparsity.figures import plot_run_spatial_maps
+
+    fig = plot_run_spatial_maps(run, "features.6", epoch=6, max_images=2)
+    data = fig.xai_data
+    np.testing.assert_allclose(
+        data["spatial_sparsity"], run.load_arrays(6)["spatial:features.6"][:2]
+    )
+    np.testing.assert_allclose(data["images"], run.load_probe()["images"][:2])
+    assert data["labels"].tolist() == [0, 1]
+
+
+def test_run_spatial_maps_with_model(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from xai_sparsity.figures import plot_run_spatial_maps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(64, 3)
+    ).train()
+    run = RunDir(tmp_path / "m", create=True)
+    run.append_history({"epoch": 1, "test_loss": 1.0, "sparsity:1": 0.5})
+    run.save_arrays(1, {"spatial:1": np.random.default_rng(0).uniform(size=(2, 16, 16))})
+    run.save_probe(np.random.default_rng(1).uniform(size=(2, 3, 16, 16)).astype(np.float32))
+    fig = plot_run_spatial_maps(run, "1", model=model, method=("saliency", "gradcam"))
+    data = fig.xai_data
+    assert {"attribution:saliency", "attribution:gradcam", "feature_maps"} <= set(data)
+    with torch.no_grad():
+        model.eval()
+        expected = model[:2](torch.as_tensor(data["images"])).mean(1).numpy()
+    np.testing.assert_allclose(data["feature_maps"], expected, rtol=1e-5, atol=1e-6)
+    model.train()
+    assert model.training
+
+
+# --------------------------------------------------------------------------- figure 5
+def test_correlation_side_by_side(arms: dict[str, RunDir]) -> None:
+    from xai_sparsity.figures import plot_correlation
+
+    pair = {"baseline": arms["none"], "penalised": arms["sparsity penalty"]}
+    fig = plot_correlation(pair, "features.6", epoch=8)
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 2
+    assert all(im.get_cmap().name == "RdBu_r" and im.get_clim() == (-1.0, 1.0) for im in images)
+    data = fig.xai_data
+    np.testing.assert_allclose(
+        data["correlation:penalised"],
+        arms["sparsity penalty"].load_arrays(8)["correlation:features.6"],
+    )
+    assert "mean |r|" in fig.axes[0].get_title()
+    single = plot_correlation(arms["none"], "features.1")
+    assert len([ax for ax in single.axes if ax.get_images()]) == 1
+
+
+def test_mean_abs_offdiag_masks_dead_channels() -> None:
+    from xai_sparsity.figures import _mean_abs_offdiag
+
+    r = np.array([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])  # channel 2 dead
+    assert _mean_abs_offdiag(r) == pytest.approx(0.5)
+    assert _mean_abs_offdiag(np.zeros((3, 3))) == 0.0
+
+
+def test_correlation_over_epochs(run: RunDir, arms: dict[str, RunDir]) -> None:
+    from xai_sparsity.figures import plot_correlation_over_epochs
+
+    fig = plot_correlation_over_epochs(run)
+    assert len(fig.axes[0].get_lines()) == len(LAYERS)
+    data = fig.xai_data
+    assert list(data.columns) == ["arm", "layer", "epoch", "mean_abs_r"]
+    assert len(data) == len(LAYERS) * N_EPOCHS
+    multi = plot_correlation_over_epochs(arms, ["features.1", "features.6"])
+    visible = [ax for ax in multi.axes if ax.get_visible() and ax.get_lines()]
+    assert len(visible) == 2 and all(len(ax.get_lines()) == len(arms) for ax in visible)
+    sel = multi.xai_data.query("arm == 'dropout' and layer == 'features.6'")
+    np.testing.assert_allclose(
+        sel["mean_abs_r"], arms["dropout"].history()["correlation:features.6"]
+    )
+
+
+# --------------------------------------------------------------------------- figure 6
+def test_regulariser_comparison(arms: dict[str, RunDir], tmp_path: Path) -> None:
+    from xai_sparsity.figures import paper_style, plot_regulariser_comparison, save_figure
+
+    with paper_style("double"):
+        fig = plot_regulariser_comparison(arms)
+    assert len(fig.axes) == 3
+    for ax in fig.axes:
+        assert len([ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]) == len(arms)
+    data = fig.xai_data
+    assert list(data.columns) == ["arm", "epoch", "test_loss", "test_acc", "sparsity:classifier.1"]
+    assert list(data["arm"].unique()) == list(arms)
+    mean = plot_regulariser_comparison(arms, layer="mean", measure="hoyer").xai_data
+    h = arms["dropout"].history()
+    np.testing.assert_allclose(
+        mean[mean["arm"] == "dropout"]["hoyer:mean"], h[[f"hoyer:{n}" for n in LAYERS]].mean(axis=1)
+    )
+    paths = save_figure(fig, tmp_path / "fig6", formats=("svg",))
+    back = pd.read_csv(paths[-1])
+    pd.testing.assert_frame_equal(back, data, check_dtype=False)
+    with pytest.raises(XaiSparsityError, match=r"'features\.5'.*valid layers"):
+        plot_regulariser_comparison(arms, layer="features.5")
+
+
+def test_save_figure_round_trips_npz(run: RunDir, tmp_path: Path) -> None:
+    from xai_sparsity.figures import plot_channel_sparsity, save_figure
+
+    fig = plot_channel_sparsity(run, "features.6")
+    paths = save_figure(fig, tmp_path / "fig3", formats=("png",))
+    assert [p.suffix for p in paths] == [".png", ".npz"]
+    with np.load(paths[-1]) as back:
+        assert set(back.files) == set(fig.xai_data)
+        for key, value in fig.xai_data.items():
+            np.testing.assert_array_equal(back[key], value)

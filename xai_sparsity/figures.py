@@ -350,9 +350,14 @@ def plot_loss_and_sparsity(
         for ax in axes:
             _mark_epoch(ax, t_L, "#000000", None)
         ax_loss.annotate(
-            "$t_L$", (t_L, 1.0), xycoords=("data", "axes fraction"), ha="left", va="top",
-            xytext=(2, 0), textcoords="offset points",
-        )  # fmt: skip
+            "$t_L$",
+            (t_L, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="left",
+            va="top",
+            xytext=(2, 0),
+            textcoords="offset points",
+        )
     ax_loss.legend(loc="best")
     ax_s.set_ylabel(measure.replace("_", " "))
     ax_s.set_xlabel("epoch")
@@ -401,9 +406,14 @@ def plot_sparsity_heatmap(
     step = float(np.median(np.diff(epochs))) if len(epochs) > 1 else 1.0
     extent = (epochs[0] - step / 2, epochs[-1] + step / 2, len(chosen) - 0.5, -0.5)
     im = ax.imshow(
-        values, aspect="auto", interpolation="nearest", cmap=SEQUENTIAL_CMAP,
-        vmin=vmin, vmax=vmax, extent=extent,
-    )  # fmt: skip
+        values,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=SEQUENTIAL_CMAP,
+        vmin=vmin,
+        vmax=vmax,
+        extent=extent,
+    )
     ax.set_yticks(range(len(chosen)), chosen)
     ax.set_xlabel("epoch")
     ax.set_ylabel("layer (input → output)")
@@ -483,3 +493,517 @@ def save_figure(
         _atomic_write(target, lambda fh: fh.write(buf.getvalue()))
         written.append(target)
     return written
+
+
+# --------------------------------------------------------------------------- figure 3
+def _load_key(run: RunDir, epoch: int, key: str) -> np.ndarray | None:
+    """One array of one epoch's npz (read lazily: only that key), or None if absent."""
+    with np.load(run.arrays_dir / f"epoch_{int(epoch):04d}.npz") as data:
+        return np.asarray(data[key]) if key in data.files else None
+
+
+def plot_channel_sparsity(
+    run: RunLike,
+    layer: str,
+    *,
+    epoch: int | None = None,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 3: per-filter sparsity of one layer at ``epoch`` (sorted bars, left) and its
+    evolution over the epochs that have arrays (channels x epochs heatmap, right).
+
+    Both panels order the channels by their sparsity at ``epoch`` (most sparse first), so a row
+    of the heatmap continues a bar of the left panel.
+
+    Args:
+        run: run directory (path or RunDir) with ``channel:<layer>`` arrays.
+        layer: the layer.
+        epoch: an epoch with arrays (default: the last one).
+        fig: draw into this figure (cleared).
+
+    Returns:
+        The figure; ``fig.xai_data`` is a dict with ``epochs`` (E,), ``channel_sparsity`` (E, C)
+        in channel-index order, ``epoch`` (the selected epoch, 0-d) and ``order`` (C,), the
+        channel indices sorted by sparsity at that epoch.
+    """
+    r = as_run(run)
+    chosen, arrays = _load_arrays(r, epoch)
+    current = _array(r, arrays, "channel", layer, chosen).astype(float).reshape(-1)
+    epochs: list[int] = []
+    rows: list[np.ndarray] = []
+    for e in r.array_epochs():
+        v = current if e == chosen else _load_key(r, e, f"channel:{layer}")
+        if v is None:
+            continue
+        v = np.asarray(v, dtype=float).reshape(-1)
+        if v.shape != current.shape:
+            raise XaiSparsityError(
+                f"channel:{layer} has {v.size} channels at epoch {e} but {current.size} at "
+                f"epoch {chosen}; the run's layers changed between epochs"
+            )
+        epochs.append(e)
+        rows.append(v)
+    evolution = np.stack(rows)
+    order = np.argsort(-current, kind="stable")
+    data = {
+        "epochs": np.asarray(epochs),
+        "channel_sparsity": evolution,
+        "epoch": np.asarray(chosen),
+        "order": order,
+    }
+
+    w = _width()
+    fig = _new_figure(fig, w, max(1.8, w * 0.45))
+    ax_bar, ax_map = fig.subplots(1, 2, width_ratios=(1, 1.4))
+    c = current.size
+    ax_bar.bar(np.arange(c), current[order], width=1.0, color=OKABE_ITO[0], linewidth=0)
+    ax_bar.axhline(float(current.mean()), color="#000000", linestyle="--", linewidth=0.8)
+    ax_bar.set_xlabel("channel (sorted)")
+    ax_bar.set_ylabel("sparsity")
+    ax_bar.set_title(f"{layer}, epoch {chosen}")
+    ax_bar.set_xlim(-0.5, c - 0.5)
+    ep = np.asarray(epochs, dtype=float)
+    half = (np.median(np.diff(ep)) if ep.size > 1 else 1.0) / 2
+    im = ax_map.imshow(
+        evolution[:, order].T,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=SEQUENTIAL_CMAP,
+        extent=(ep[0] - half, ep[-1] + half, c - 0.5, -0.5),
+    )
+    ax_map.axvline(chosen, color="white", linestyle=":", linewidth=0.9)
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("channel (sorted)")
+    fig.colorbar(im, ax=ax_map, label="sparsity", shrink=0.9)
+    return _attach(fig, data)
+
+
+# --------------------------------------------------------------------------- figure 4
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return np.asarray(x.detach().float().cpu().numpy())
+    return np.asarray(x, dtype=np.float32)
+
+
+def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(K, h, w) -> (K, H, W), bilinear (align_corners=False), via torch."""
+    import torch
+    import torch.nn.functional as F
+
+    if maps.shape[1:] == size:
+        return maps.astype(np.float32)
+    t = torch.as_tensor(maps, dtype=torch.float32)[:, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def plot_spatial_maps(
+    images: Any,
+    maps: Any,
+    *,
+    attributions: Any = None,
+    feature_maps: Any = None,
+    titles: Sequence[str] | None = None,
+    column_titles: Mapping[str, str] | None = None,
+    alpha: float = 0.55,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 4: spatial sparsity maps upsampled over the input images, beside attributions and
+    feature maps. One row per image.
+
+    Columns: the input; its spatial sparsity map (bilinearly upsampled to the image size, drawn
+    over the grey input with ``viridis`` on the fixed range [0, 1]); each attribution (scaled to
+    its own max, ``inferno``); the feature map (shown at its own resolution).
+
+    Args:
+        images: (K, C, H, W) or (K, H, W) images (tensor or array).
+        maps: (K, h, w) spatial sparsity maps (``scope="spatial"``) of a layer.
+        attributions: (K, H', W') maps, or a mapping method name -> (K, H', W') (see
+            :func:`xai_sparsity.attributions.attribute`); upsampled to (H, W) if needed.
+        feature_maps: (K, h, w), or (K, C, h, w) shown as the mean over channels.
+        titles: per-image row labels (e.g. class names).
+        column_titles: override column titles by key: "input", "sparsity", "features", or a
+            method name.
+        alpha: opacity of the overlays.
+        fig: draw into this figure (cleared).
+
+    Returns:
+        The figure; ``fig.xai_data`` is a dict of arrays: ``images``, ``spatial_sparsity``
+        (K, h, w), ``spatial_sparsity_upsampled`` (K, H, W), ``attribution:<method>`` (K, H, W)
+        and ``feature_maps`` (K, h, w) when given.
+    """
+    from xai_sparsity.attributions import _normalise_map
+
+    imgs = _np(images)
+    if imgs.ndim == 3:
+        imgs = imgs[:, None]
+    if imgs.ndim != 4:
+        raise XaiSparsityError(f"images must be (K, C, H, W) or (K, H, W); got shape {imgs.shape}")
+    k, size = imgs.shape[0], (int(imgs.shape[2]), int(imgs.shape[3]))
+    sp = _np(maps)
+    if sp.ndim != 3 or sp.shape[0] != k:
+        raise XaiSparsityError(f"maps must be (K, h, w) with K = {k} images; got shape {sp.shape}")
+    up = _upsample(sp, size)
+    attrs: dict[str, np.ndarray] = {}
+    if attributions is not None:
+        given = attributions if isinstance(attributions, Mapping) else {"attribution": attributions}
+        for name, a in given.items():
+            arr = _np(a)
+            if arr.ndim != 3 or arr.shape[0] != k:
+                raise XaiSparsityError(
+                    f"attributions {name!r} must be (K, H, W) with K = {k}; got shape {arr.shape}"
+                )
+            attrs[str(name)] = _upsample(arr, size)
+    feats = None
+    if feature_maps is not None:
+        feats = _np(feature_maps)
+        if feats.ndim == 4:
+            feats = feats.mean(axis=1)
+        if feats.ndim != 3 or feats.shape[0] != k:
+            raise XaiSparsityError(
+                f"feature_maps must be (K, h, w) or (K, C, h, w) with K = {k}; got {feats.shape}"
+            )
+    if titles is not None and len(titles) != k:
+        raise XaiSparsityError(f"got {len(titles)} titles for {k} images")
+    heads = {"input": "input", "sparsity": "spatial sparsity", "features": "feature map"}
+    heads.update({n: n.replace("_", " ") for n in attrs})
+    heads.update(column_titles or {})
+    columns = ["input", "sparsity", *attrs, *(["features"] if feats is not None else [])]
+
+    w = _width()
+    cell = w / len(columns)
+    fig = _new_figure(fig, w, cell * k + 0.45)
+    axes = np.asarray(fig.subplots(k, len(columns), squeeze=False))
+    sparsity_image = None
+    for i in range(k):
+        grey = _grey(imgs[i])
+        for j, col in enumerate(columns):
+            ax = axes[i, j]
+            if col == "input":
+                shown = _to_display(imgs[i])
+                ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+            elif col == "sparsity":
+                ax.imshow(grey, cmap="gray")
+                sparsity_image = ax.imshow(
+                    up[i], cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, alpha=alpha
+                )
+            elif col == "features":
+                assert feats is not None
+                ax.imshow(feats[i], cmap="magma", interpolation="nearest")
+            else:
+                ax.imshow(grey, cmap="gray")
+                ax.imshow(
+                    _normalise_map(attrs[col][i]),
+                    cmap=ATTRIBUTION_CMAP,
+                    vmin=0,
+                    vmax=1,
+                    alpha=alpha,
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(heads[col])
+        if titles is not None:
+            axes[i, 0].set_ylabel(str(titles[i]))
+    if sparsity_image is not None:
+        fig.colorbar(
+            sparsity_image,
+            ax=axes[:, 1].tolist(),
+            location="bottom",
+            shrink=0.9,
+            label="sparsity",
+            aspect=15,
+        )
+    data: dict[str, np.ndarray] = {
+        "images": imgs,
+        "spatial_sparsity": sp,
+        "spatial_sparsity_upsampled": up,
+    }
+    data.update({f"attribution:{n}": a for n, a in attrs.items()})
+    if feats is not None:
+        data["feature_maps"] = feats
+    return _attach(fig, data)
+
+
+def plot_run_spatial_maps(
+    run: RunLike,
+    layer: str,
+    epoch: int | None = None,
+    *,
+    max_images: int | None = 4,
+    model: Any = None,
+    method: str | Sequence[str] | None = "saliency",
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 4 from a run directory: the ``spatial:<layer>`` maps of the fixed probe images
+    (``probe.npz``) at ``epoch``.
+
+    With a ``model`` (e.g. the run's best or last weights loaded by the caller) the figure adds
+    its Captum attribution(s) ``method`` and the layer's feature map (channel mean, captured
+    with :func:`xai_sparsity.capture.capture`); the sparsity maps stay those of ``epoch``.
+
+    Args:
+        run: run directory with ``spatial:<layer>`` arrays and ``probe.npz``.
+        layer: the layer.
+        epoch: an epoch with arrays (default: the last one).
+        max_images: at most this many probe images (None: all stored maps).
+        model: optional model for attributions and feature maps.
+        method: attribution method(s) of :func:`xai_sparsity.attributions.attribute`; None: none.
+        fig: draw into this figure (cleared).
+
+    Returns:
+        The figure of :func:`plot_spatial_maps` (same ``fig.xai_data``, plus ``labels``).
+    """
+    r = as_run(run)
+    chosen, arrays = _load_arrays(r, epoch)
+    maps = _array(r, arrays, "spatial", layer, chosen)
+    probe = r.load_probe()
+    images = np.asarray(probe["images"])
+    k = (
+        min(len(maps), len(images))
+        if max_images is None
+        else min(len(maps), len(images), max_images)
+    )
+    if k < 1:
+        raise XaiSparsityError(f"run {_run_name(r)!r} has no probe images for spatial maps")
+    images, maps = images[:k], maps[:k]
+    labels = probe.get("labels")
+    titles = [f"label {int(v)}" for v in labels[:k]] if labels is not None else None
+    attributions = None
+    features = None
+    if model is not None:
+        import torch
+
+        from xai_sparsity.attributions import attribute
+        from xai_sparsity.capture import capture
+
+        x = torch.as_tensor(images, dtype=torch.float32)
+        methods = [method] if isinstance(method, str) else list(method or [])
+        attributions = {m: attribute(model, x, method=m) for m in methods} or None
+        param = next(iter(model.parameters()), None)
+        states = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad(), capture(model, [layer], mode="keep", clone=True) as cap:
+                model(x.to(param.device) if param is not None else x)
+            features = cap.activations[layer]
+        finally:
+            for m, flag in states:
+                m.training = flag
+    fig = plot_spatial_maps(
+        images, maps, attributions=attributions, feature_maps=features, titles=titles, fig=fig
+    )
+    fig.suptitle(f"{layer}, epoch {chosen}")
+    data = figure_data(fig)
+    if isinstance(data, dict) and labels is not None:
+        data["labels"] = np.asarray(labels[:k])
+    return fig
+
+
+# --------------------------------------------------------------------------- figure 5
+def _mean_abs_offdiag(r: np.ndarray) -> float:
+    """Mean |r| over off-diagonal pairs of live channels (dead channels have a 0 diagonal)."""
+    live = np.flatnonzero(np.abs(np.diag(r)) > 0.5)
+    if live.size < 2:
+        return 0.0
+    sub = np.abs(r[np.ix_(live, live)])
+    return float((sub.sum() - np.trace(sub)) / (live.size * (live.size - 1)))
+
+
+def plot_correlation(
+    runs: Mapping[str, RunLike] | RunLike,
+    layer: str,
+    *,
+    epoch: int | None = None,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 5a: filter-correlation matrices of ``layer`` side by side, one per arm (e.g.
+    baseline vs penalised), diverging ``RdBu_r`` on [-1, 1], mean |r| in each title.
+
+    Args:
+        runs: a run, or a mapping arm name -> run (drawn in mapping order).
+        layer: the layer (needs ``correlation:<layer>`` arrays).
+        epoch: an epoch with arrays in every run (default: each run's last one).
+        fig: draw into this figure (cleared).
+
+    Returns:
+        The figure; ``fig.xai_data`` is a dict with ``correlation:<arm>`` (C, C) and
+        ``epoch:<arm>`` (0-d) per arm.
+    """
+    arms = _as_runs(runs)
+    mats: dict[str, tuple[int, np.ndarray]] = {}
+    for arm, run_ in arms.items():
+        chosen, arrays = _load_arrays(run_, epoch)
+        mats[arm] = (chosen, _array(run_, arrays, "correlation", layer, chosen).astype(float))
+    n = len(mats)
+    w = _width()
+    fig = _new_figure(fig, w, w / n * 1.05 + 0.4)
+    axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
+    im = None
+    for ax, (arm, (chosen, mat)) in zip(axes, mats.items(), strict=True):
+        im = ax.imshow(mat, cmap=DIVERGING_CMAP, vmin=-1.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"{arm} (epoch {chosen})\nmean |r| = {_mean_abs_offdiag(mat):.2f}")
+        ax.set_xlabel("channel")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel(f"{layer}\nchannel")
+    assert im is not None
+    fig.colorbar(im, ax=axes.tolist(), label="Pearson r", shrink=0.8)
+    data: dict[str, np.ndarray] = {}
+    for arm, (chosen, mat) in mats.items():
+        data[f"correlation:{arm}"] = mat
+        data[f"epoch:{arm}"] = np.asarray(chosen)
+    return _attach(fig, data)
+
+
+def _common_layers(
+    arms: Mapping[str, RunDir], measure: str
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    histories = {arm: _history(r) for arm, r in arms.items()}
+    per_arm = {arm: _measure_layers(h, measure, arms[arm]) for arm, h in histories.items()}
+    first = next(iter(per_arm.values()))
+    common = [n for n in first if all(n in v for v in per_arm.values())]
+    if not common:
+        raise XaiSparsityError(f"the runs share no layer with a {measure!r} column: {per_arm}")
+    return histories, common
+
+
+def plot_correlation_over_epochs(
+    runs: Mapping[str, RunLike] | RunLike,
+    layers: Sequence[str] | None = None,
+    *,
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 5b: mean |r| of the filter correlation per layer over epochs (history columns
+    ``correlation:<layer>``).
+
+    One run (or a one-arm mapping): one panel, a line per layer. Several arms: one panel per
+    layer, a line per arm.
+
+    Returns:
+        The figure; ``fig.xai_data`` is a long DataFrame with columns ``arm``, ``layer``,
+        ``epoch``, ``mean_abs_r``.
+    """
+    arms = _as_runs(runs)
+    histories, common = _common_layers(arms, "correlation")
+    chosen = (
+        common if layers is None else _check_layers(layers, common, "the runs' correlation columns")
+    )
+    frames = [
+        pd.DataFrame(
+            {
+                "arm": arm,
+                "layer": n,
+                "epoch": h["epoch"].astype(int).to_numpy(),
+                "mean_abs_r": h[f"correlation:{n}"].to_numpy(dtype=float),
+            }
+        )
+        for arm, h in histories.items()
+        for n in chosen
+    ]
+    data = pd.concat(frames, ignore_index=True)
+    w = _width()
+    if len(arms) == 1:
+        fig = _new_figure(fig, w, w * 0.55)
+        ax = fig.add_subplot()
+        for n, color in zip(chosen, _colors(len(chosen)), strict=True):
+            sel = data[data["layer"] == n]
+            ax.plot(sel["epoch"], sel["mean_abs_r"], color=color, label=n)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean |r|")
+        ax.legend(loc="best", ncol=2 if len(chosen) > 4 else 1)
+        return _attach(fig, data)
+    cols = min(3, len(chosen))
+    rows_n = -(-len(chosen) // cols)
+    fig = _new_figure(fig, w, w / cols * 0.8 * rows_n + 0.3)
+    axes = np.asarray(fig.subplots(rows_n, cols, squeeze=False, sharex=True, sharey=True))
+    colors = dict(zip(arms, _colors(len(arms)), strict=True))
+    for ax, n in zip(axes.flat, chosen, strict=False):
+        for arm in arms:
+            sel = data[(data["layer"] == n) & (data["arm"] == arm)]
+            ax.plot(sel["epoch"], sel["mean_abs_r"], color=colors[arm], label=arm)
+        ax.set_title(n)
+    for ax in axes.flat[len(chosen) :]:
+        ax.set_visible(False)
+    for idx, ax in enumerate(axes.flat[: len(chosen)]):
+        if idx + cols >= len(chosen):  # nothing drawn below this panel: label its x axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("epoch")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean |r|")
+    axes.flat[0].legend(loc="best")
+    return _attach(fig, data)
+
+
+# --------------------------------------------------------------------------- figure 6
+def plot_regulariser_comparison(
+    runs: Mapping[str, RunLike],
+    *,
+    layer: str | None = None,
+    measure: str = "sparsity",
+    fig: Figure | None = None,
+) -> Figure:
+    """Figure 6: test loss, test accuracy and sparsity over epochs, one line per arm (e.g.
+    "none", "dropout", "batch norm", "sparsity penalty"); a dot marks each arm's lowest test loss.
+
+    Args:
+        runs: mapping arm name -> run (drawn in mapping order, Okabe-Ito colours).
+        layer: the layer whose ``<measure>`` is drawn; None: the deepest layer measured in every
+            run (the last common ``<measure>:`` column); ``"mean"``: the mean over common layers.
+        measure: history column prefix of the third panel.
+        fig: draw into this figure (cleared).
+
+    Returns:
+        The figure; ``fig.xai_data`` is a long DataFrame with columns ``arm``, ``epoch``,
+        ``test_loss``, ``test_acc`` and ``<measure>:<layer>`` (``<measure>:mean`` for "mean").
+    """
+    if not isinstance(runs, Mapping):
+        raise XaiSparsityError("plot_regulariser_comparison needs a mapping arm name -> run")
+    arms = _as_runs(runs)
+    histories, common = _common_layers(arms, measure)
+    if layer is None:
+        layer = common[-1]
+    elif layer != "mean":
+        _check_layers([layer], [*common, "mean"], f"every run's {measure!r} columns")
+    col = f"{measure}:{layer}"
+    frames = []
+    for arm, h in histories.items():
+        for needed in ("test_loss", "test_acc"):
+            if needed not in h.columns:
+                raise XaiSparsityError(f"run {arm!r} has no {needed!r} column")
+        values = h[[f"{measure}:{n}" for n in common]].mean(axis=1) if layer == "mean" else h[col]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "arm": arm,
+                    "epoch": h["epoch"].astype(int).to_numpy(),
+                    "test_loss": h["test_loss"].to_numpy(dtype=float),
+                    "test_acc": h["test_acc"].to_numpy(dtype=float),
+                    col: values.to_numpy(dtype=float),
+                }
+            )
+        )
+    data = pd.concat(frames, ignore_index=True)
+
+    w = _width()
+    wide = w >= 5.0
+    fig = _new_figure(fig, w, w * 0.36 if wide else w * 1.35)
+    axes = fig.subplots(1, 3, sharex=True) if wide else fig.subplots(3, 1, sharex=True)
+    colors = dict(zip(arms, _colors(len(arms)), strict=True))
+    panels = (
+        ("test_loss", "test loss"),
+        ("test_acc", "test accuracy"),
+        (col, f"{measure.replace('_', ' ')} ({layer})"),
+    )
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for arm in arms:
+            sel = data[data["arm"] == arm]
+            ax.plot(sel["epoch"], sel[key], color=colors[arm], label=arm)
+            if key == "test_loss" and sel["test_loss"].notna().any():
+                i = int(np.nanargmin(sel["test_loss"].to_numpy(dtype=float)))
+                best = sel.iloc[i]
+                ax.plot([best["epoch"]], [best["test_loss"]], "o", color=colors[arm])
+        ax.set_ylabel(label)
+    for ax in axes if wide else axes[-1:]:
+        ax.set_xlabel("epoch")
+    axes[0].legend(loc="best")
+    return _attach(fig, data)

@@ -1,0 +1,1004 @@
+"""SparsityMonitor: perplexity sparsity of a fixed probe set, logged from your own training loop.
+
+Two lines added to a loop you already have write the same run directory as the project's trainer
+(``config.json``, ``history.csv``, ``arrays/epoch_NNNN.npz``, ``probe.npz``; see
+docs/architecture.md), so ``xai-sparsity analyze``, the early warning, the figures and the widgets
+work on your run unchanged::
+
+    monitor = SparsityMonitor(model, probe_images, out="runs/mine")       # line 1
+    for epoch in range(1, epochs + 1):
+        ...                                                              # your training
+        monitor.epoch_end(epoch, train_loss=tl, test_loss=vl)            # line 2
+
+Each ``epoch_end`` runs the probe set through the model once, in eval mode and under
+``torch.no_grad`` for that pass only: every submodule's ``training`` flag is restored afterwards,
+BatchNorm running statistics and the optimiser are never touched, and the measures are reduced
+inside forward hooks on the model's device (no activation is kept).
+
+>>> import tempfile, torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+>>> mon = SparsityMonitor(net, torch.rand(16, 1, 8, 8), out=tempfile.mkdtemp(), correlation=False)
+>>> row = mon.epoch_end(1, train_loss=0.7, test_loss=0.8)
+>>> sorted(k for k in row if k.startswith("sparsity:"))
+['sparsity:0', 'sparsity:1']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xai_sparsity._errors import XaiSparsityError, check_choice
+
+__all__ = ["SparsityMonitor"]
+
+MONITOR_MEASURES: tuple[str, ...] = ("perplexity", "zero_fraction", "hoyer", "entropy")
+"""Measures the monitor can log; ``perplexity`` is always required (the ``sparsity:`` column)."""
+
+MONITOR_SCOPES: tuple[str, ...] = ("layer", "channel", "spatial")
+
+_COLUMN_OF = {
+    "zero_fraction": "zero_fraction",
+    "hoyer": "hoyer",
+    "entropy": "entropy",
+}
+
+ProbeLike = Any
+"""A tensor (N, C, H, W), a ``(x, y)`` pair of tensors, a Dataset or a DataLoader."""
+
+WarningCallback = Callable[["SparsityMonitor", int, dict[str, Any]], Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    """This process's rank under torch.distributed (0 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else None)
+    for b in model.buffers():
+        return b.device, (b.dtype if b.is_floating_point() else None)
+    return torch.device("cpu"), None
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
+    """(x, y) from one dataset item or loader batch: a tensor, or a sequence (x, y, ...)."""
+    if isinstance(item, Tensor):
+        return item, None
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+        return item[0], (item[1] if len(item) > 1 else None)
+    if isinstance(item, Mapping):
+        raise XaiSparsityError(
+            "probe items are dicts; pass the input tensor (N, C, H, W) itself, or a dataset "
+            "whose items are a tensor or an (x, y) pair"
+        )
+    raise XaiSparsityError(
+        f"probe items must be a tensor or an (x, y) pair of tensors, got {type(item).__name__}"
+    )
+
+
+def _labels_tensor(ys: list[Any]) -> Tensor | None:
+    if not ys or any(y is None for y in ys):
+        return None
+    try:
+        return torch.cat([torch.as_tensor(y).reshape(-1) for y in ys]).long()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _materialize_probe(probe: ProbeLike) -> tuple[Tensor, Tensor | None]:
+    """The probe as one CPU tensor (N, ...) and optional labels (N,).
+
+    A DataLoader is iterated once, with the global RNG state saved and restored so that a
+    shuffling loader neither changes the user's random stream nor the probe's meaning later (the
+    probe is fixed from here on).
+    """
+    from torch.utils.data import DataLoader, Dataset
+
+    x: Tensor
+    y: Tensor | None = None
+    if isinstance(probe, np.ndarray):
+        probe = torch.from_numpy(probe)
+    if isinstance(probe, (str, bytes, os.PathLike)):
+        raise XaiSparsityError(
+            f"probe must be a tensor (N, C, H, W), an (x, y) pair, a Dataset or a DataLoader; got "
+            f"the {type(probe).__name__} {probe!r} (load the images first)"
+        )
+    if isinstance(probe, Tensor):
+        x = probe
+    elif isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[0], Tensor):
+        x, y_raw = probe
+        y = None if y_raw is None else torch.as_tensor(y_raw).reshape(-1).long()
+    elif isinstance(probe, DataLoader):
+        xs, ys = [], []
+        with torch.random.fork_rng(devices=[]):
+            for batch in probe:
+                bx, by = _split_item(batch)
+                xs.append(bx.detach().cpu())
+                ys.append(by)
+        if not xs:
+            raise XaiSparsityError("the probe DataLoader yields no batches (empty probe)")
+        x = torch.cat(xs)
+        y = _labels_tensor(ys)
+    elif isinstance(probe, Dataset) or (
+        hasattr(probe, "__getitem__") and hasattr(probe, "__len__")
+    ):
+        n = len(probe)
+        if n == 0:
+            raise XaiSparsityError("the probe dataset is empty; pass at least one sample")
+        xs, ys = [], []
+        for i in range(n):
+            ix, iy = _split_item(probe[i])
+            xs.append(ix.detach().cpu())
+            ys.append(None if iy is None else torch.as_tensor(iy).reshape(-1))
+        try:
+            x = torch.stack(xs)
+        except RuntimeError as exc:
+            raise XaiSparsityError(f"probe dataset items have different shapes: {exc}") from None
+        y = _labels_tensor(ys)
+    else:
+        raise XaiSparsityError(
+            f"probe must be a tensor (N, C, H, W), an (x, y) pair, a Dataset or a DataLoader; "
+            f"got {type(probe).__name__}"
+        )
+    if x.dim() < 2:
+        raise XaiSparsityError(
+            f"probe has shape {tuple(x.shape)}; expected a batch (N, ...) such as (N, C, H, W)"
+        )
+    if x.shape[0] == 0:
+        raise XaiSparsityError(
+            f"the probe is empty (shape {tuple(x.shape)}); pass at least one sample"
+        )
+    if y is not None and y.numel() != x.shape[0]:
+        raise XaiSparsityError(
+            f"probe has {x.shape[0]} inputs but {y.numel()} labels; pass one label per input"
+        )
+    return x.detach().cpu(), (None if y is None else y.cpu())
+
+
+def _expected_input(model: nn.Module) -> str:
+    """A human description of the input the model's first conv/linear layer expects."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            spatial = ", ".join("HWD"[i] if i < 2 else f"D{i}" for i in range(len(m.kernel_size)))
+            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(len(m.kernel_size), spatial)
+            return f"(N, {m.in_channels}, {spatial}) (first layer {type(m).__name__}: in_channels={m.in_channels})"
+        if isinstance(m, nn.Linear):
+            return f"(N, {m.in_features}) (first layer Linear: in_features={m.in_features})"
+    return "an input it accepts (no conv or linear layer found to tell)"
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode and no autograd, each module's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, Tensor):
+        return float(v.detach().float().mean().item()) if v.numel() != 1 else float(v.item())
+    return float(v)
+
+
+# ----------------------------------------------------------------------------- fused measures
+
+
+def fused_layer_stats(x: Tensor, *, hoyer: bool = True, zeros: bool = True) -> dict[str, Tensor]:
+    """All layer-scope measures of one batch, and the channel-scope perplexity, in one sweep.
+
+    The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
+    ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), computed
+    from four reductions of ``a = |x|`` instead of about twenty: per sample and channel
+    ``S_c = sum a`` and ``T_c = sum a ln a`` (``xlogy``), then ``H = ln S - T / S`` for the layer
+    (``S = sum_c S_c``, ``T = sum_c T_c``) and for each channel, the sum of squares for Hoyer and a
+    count of non-zeros. For measurement without gradients only (float32 sums; values of ``a`` up
+    to about 1e30 / N).
+
+    Args:
+        x: activations (B, C, H, W) or any (B, ...) with rank >= 2 and at least 2 units per sample.
+        hoyer, zeros: also compute Hoyer sparsity and the zero fraction.
+
+    Returns:
+        ``perplexity``, ``entropy`` (and ``hoyer``, ``zero_fraction``): (B,) float32;
+        ``unit_sum``: (B, C) sums of |a| per channel (rank >= 3) or (B, F) for dense input;
+        ``channel``: (B, C) channel-scope perplexity sparsity (rank >= 3 with >= 2 positions).
+
+    >>> s = fused_layer_stats(torch.tensor([[3.0, 1.0, 0.0, 0.0]]))
+    >>> round(s["perplexity"].item(), 5), s["zero_fraction"].item()
+    (0.74841, 0.5)
+    """
+    with torch.no_grad():
+        b = x.shape[0]
+        a = x.reshape(b, x.shape[1], -1) if x.dim() >= 3 else x.reshape(b, -1, 1)
+        a = a.float().abs() if a.dtype != torch.float64 else a.abs()
+        c, positions = a.shape[1], a.shape[2]
+        n = c * positions
+        out: dict[str, Tensor] = {}
+        if zeros:
+            out["zero_fraction"] = (n - torch.count_nonzero(x.reshape(b, -1), dim=1)).float() / n
+        s_c = a.sum(dim=2)  # (B, C)
+        s = s_c.sum(dim=1)  # (B,)
+        if hoyer:
+            sq = torch.linalg.vector_norm(a.reshape(b, -1), dim=1)  # ||a||_2
+            root_n = math.sqrt(n)
+            ratio = s / torch.where(sq == 0, torch.ones_like(sq), sq)
+            h_s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
+            out["hoyer"] = torch.where(sq == 0, torch.ones_like(h_s), h_s).float()
+        t_c = a.xlogy_(a).sum(dim=2)  # (B, C), a is a private copy
+        t = t_c.sum(dim=1)
+        h = _entropy_from_sums(s, t)
+        out["perplexity"] = _perplexity_from_entropy(h, n).float()
+        out["entropy"] = (1.0 - h / math.log(n)).clamp(0.0, 1.0).float()
+        if x.dim() >= 3 and positions >= 2:
+            out["channel"] = _perplexity_from_entropy(
+                _entropy_from_sums(s_c, t_c), positions
+            ).float()
+        out["unit_sum"] = s_c.float()  # (B, C); for dense input each "channel" is one unit
+        return out
+
+
+def _entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
+    """H = ln S - T / S with T = sum a ln a; 0 for an all-zero map (S = 0)."""
+    dead = s <= 0
+    safe = torch.where(dead, torch.ones_like(s), s)
+    h = (torch.log(safe) - t / safe).clamp_min(0.0)
+    return torch.where(dead, torch.zeros_like(h), h)
+
+
+def _perplexity_from_entropy(h: Tensor, n: int) -> Tensor:
+    return ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- per-layer sums
+
+
+class _LayerAccumulator:
+    """Streaming sums of one layer's measures over the probe pass (all on the layer's device)."""
+
+    def __init__(self, arrays: bool, correlation: bool, spatial_images: int) -> None:
+        self.arrays = arrays
+        self.correlation = correlation
+        self.spatial_images = spatial_images
+        self.count = 0  # samples seen
+        self.layer_values: list[Tensor] = []  # perplexity, layer scope, (B,) each
+        self.sums: dict[str, Tensor] = {}  # other measures, layer scope: sum over samples
+        self.channel_sum: Tensor | None = None  # (C,) sum of per-channel perplexity
+        self.spatial: list[Tensor] = []  # (b, H, W) of the first spatial_images samples
+        self.unit_means: list[Tensor] = []  # (B, C) channel means of |a| for lifetime sparsity
+        self.corr: Any = None
+
+
+class _TrainAccumulator:
+    """Mean layer-scope perplexity over tracked training steps, per layer."""
+
+    def __init__(self) -> None:
+        self.sum: dict[str, Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, name: str, value: Tensor) -> None:
+        if name in self.sum:
+            self.sum[name] = self.sum[name] + value
+            self.count[name] += 1
+        else:
+            self.sum[name] = value
+            self.count[name] = 1
+
+    def means(self) -> dict[str, float]:
+        return {n: float(s.item()) / self.count[n] for n, s in self.sum.items()}
+
+    def clear(self) -> None:
+        self.sum.clear()
+        self.count.clear()
+
+
+# ----------------------------------------------------------------------------- the monitor
+
+
+class SparsityMonitor:
+    """Measure activation sparsity on a fixed probe set from any PyTorch training loop.
+
+    Args:
+        model: the model being trained (DataParallel/DDP wrappers are looked through).
+        probe: fixed held-out inputs, the same every epoch: a tensor (N, C, H, W), an ``(x, y)``
+            pair, a Dataset (items a tensor or ``(x, y)``) or a DataLoader (read once, here).
+            Labels are optional (they are stored in ``probe.npz`` for the figures).
+        layers: which layers, as for :func:`xai_sparsity.capture` (default: conv + activation).
+        out: the run directory to write (created; an existing monitor run is continued).
+        every: measure every ``every``-th epoch (``epoch % every == 0``); other epochs write
+            nothing.
+        measures: among "perplexity" (required: the ``sparsity:`` column), "zero_fraction",
+            "hoyer", "entropy"; logged as layer-scope means over the probe set.
+        scopes: arrays to write: "layer" (per-sample layer sparsity), "channel" (per-filter
+            sparsity), "spatial" (maps of the first ``spatial_images`` probe images).
+        correlation: filter correlation (mean |r| per layer every epoch, the C x C matrix in the
+            arrays) and the dead-channel count.
+        array_every: write ``arrays/epoch_NNNN.npz`` at epoch 1 and every ``array_every`` epochs
+            (0: never; :meth:`finish` writes the last epoch's).
+        spatial_images: how many probe images get spatial maps (and go to ``probe.npz``).
+        batch_size: probe batch size.
+        device: where the probe runs (default: the device of the model's parameters).
+        on_warning: ``on_warning(monitor, epoch, info)`` called once when the early warning
+            fires; return True (or set ``monitor.should_stop = True``) to ask the loop to stop.
+        warning: keyword arguments of :class:`xai_sparsity.EarlyWarning` (``layers``, ``alpha``,
+            ``patience``, ``min_rise``, ``warmup``, ``min_layers``), or False to switch it off.
+        train_stats_every: if set, track layer-scope perplexity on every k-th training batch
+            (in the training forward's own hooks, no extra forward), logged as
+            ``train_batch_sparsity:<layer>``; see :meth:`attach` and :meth:`track_training`.
+        log_to_tensorboard: a ``torch.utils.tensorboard.SummaryWriter`` or a log folder: per-layer
+            scalars and a histogram of per-sample sparsity each measured epoch.
+
+    Attributes:
+        run: the :class:`xai_sparsity.RunDir` written.
+        layers: the measured layer names (``name#k`` for the k-th call of a reused module).
+        should_stop: True once ``on_warning`` asked to stop.
+        warning_epoch: the epoch the early warning fired, or None.
+
+    Under torch.distributed only rank 0 measures and writes; other ranks return ``{}`` at once
+    (the probe pass runs on the unwrapped module, so it issues no collective and cannot deadlock).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: ProbeLike,
+        layers: Any = None,
+        out: str | os.PathLike[str] = "runs/monitor",
+        *,
+        every: int = 1,
+        measures: Sequence[str] = MONITOR_MEASURES,
+        scopes: Sequence[str] = MONITOR_SCOPES,
+        correlation: bool = True,
+        array_every: int = 5,
+        spatial_images: int = 8,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        on_warning: WarningCallback | None = None,
+        warning: Mapping[str, Any] | bool | None = None,
+        train_stats_every: int | None = None,
+        log_to_tensorboard: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise XaiSparsityError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._root = _unwrap(model)
+        measures = (measures,) if isinstance(measures, str) else tuple(measures)
+        scopes = (scopes,) if isinstance(scopes, str) else tuple(scopes)
+        for m in measures:
+            check_choice("measure", m, MONITOR_MEASURES)
+        for s in scopes:
+            check_choice("scope", s, MONITOR_SCOPES)
+        if "perplexity" not in measures:
+            raise XaiSparsityError(
+                f"measures={measures!r} must include 'perplexity' (it fills the sparsity:<layer> "
+                f"columns that the analysis reads)"
+            )
+        for name, value, low in (
+            ("every", every, 1),
+            ("array_every", array_every, 0),
+            ("spatial_images", spatial_images, 0),
+            ("batch_size", batch_size, 1),
+        ):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise XaiSparsityError(f"{name}={value!r} must be an integer >= {low}")
+        if train_stats_every is not None and (
+            not isinstance(train_stats_every, int) or train_stats_every < 1
+        ):
+            raise XaiSparsityError(
+                f"train_stats_every={train_stats_every!r} must be None or an integer >= 1"
+            )
+        if on_warning is not None and not callable(on_warning):
+            raise XaiSparsityError(
+                f"on_warning must be callable(monitor, epoch, info), got {on_warning!r}"
+            )
+        self.measures = measures
+        self.scopes = scopes
+        self.correlation = bool(correlation)
+        self.every = int(every)
+        self.array_every = int(array_every)
+        self.spatial_images = int(spatial_images)
+        self.batch_size = int(batch_size)
+        self.device = None if device is None else torch.device(device)
+        self.on_warning = on_warning
+        self.train_stats_every = train_stats_every
+        self.should_stop = False
+        self.warning_epoch: int | None = None
+        self.warning_info: dict[str, Any] | None = None
+        self.rank = _rank()
+        self.last_arrays: dict[str, np.ndarray] = {}
+        self.last_row: dict[str, Any] = {}
+        self.timings: list[float] = []  # seconds per probe pass
+
+        self.probe, self.probe_labels = _materialize_probe(probe)
+        self._probe_cache: tuple[torch.device, torch.dtype | None, Tensor] | None = None
+
+        from xai_sparsity.capture import resolve_layers
+
+        self._layer_spec = layers
+        self._selected = resolve_layers(self._root, layers)
+        # one forward on two probe samples: checks the probe's shape, finds per-call names
+        self.layers: list[str] = self._discover()
+        self._reused = {n.split("#", 1)[0] for n in self.layers if "#" in n}
+
+        self._warning_kwargs: dict[str, Any] | None
+        if warning is False:
+            self._warning_kwargs = None
+        elif warning is None or warning is True:
+            self._warning_kwargs = {}
+        elif isinstance(warning, Mapping):
+            self._warning_kwargs = dict(warning)
+        else:
+            raise XaiSparsityError(
+                f"warning must be a dict of EarlyWarning settings, True/None or False; got {warning!r}"
+            )
+        self._early: Any = None
+
+        from xai_sparsity.rundir import RunDir
+
+        self.out = Path(out)
+        run: Any = RunDir(self.out, create=True) if self.rank == 0 else None
+        self.run = run  # None on non-zero ranks
+        self._last_epoch = 0
+        if self.rank == 0:
+            self._write_config()
+            self._rebuild_warning()
+            if not (self.out / "probe.npz").exists():
+                k = min(max(self.spatial_images, 1), self.probe.shape[0])
+                labels = (
+                    self.probe_labels[:k].numpy()
+                    if self.probe_labels is not None
+                    else np.full(k, -1, dtype=np.int64)
+                )
+                self.run.save_probe(self.probe[:k].float().numpy(), labels)
+
+        self._tb: Any = None
+        self._tb_owned = False
+        if log_to_tensorboard is not None and self.rank == 0:
+            if isinstance(log_to_tensorboard, (str, os.PathLike)):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(log_to_tensorboard))
+                self._tb_owned = True
+            elif hasattr(log_to_tensorboard, "add_scalar"):
+                self._tb = log_to_tensorboard
+            else:
+                raise XaiSparsityError(
+                    f"log_to_tensorboard must be a SummaryWriter or a folder, got "
+                    f"{type(log_to_tensorboard).__name__}"
+                )
+
+        self._train_cap: Any = None
+        self._train_hook: Any = None
+        self._train_step = 0
+        self._train_active = False
+        self._train_acc = _TrainAccumulator()
+        if train_stats_every is not None:
+            self.attach()
+
+    # ------------------------------------------------------------------------- set-up
+
+    def __repr__(self) -> str:
+        return (
+            f"SparsityMonitor({type(self._root).__name__}, probe {tuple(self.probe.shape)}, "
+            f"{len(self.layers)} layers, out={str(self.out)!r})"
+        )
+
+    def _probe_on(self, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+        cache = self._probe_cache
+        if cache is not None and cache[0] == device and cache[1] == dtype:
+            return cache[2]
+        x = self.probe
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        x = x.to(device)
+        self._probe_cache = (device, dtype, x)
+        return x
+
+    def _target(self) -> tuple[torch.device, torch.dtype | None]:
+        device, dtype = _model_device_dtype(self._root)
+        return (self.device or device), dtype
+
+    def _forward(self, x: Tensor) -> None:
+        try:
+            self._root(x)
+        except XaiSparsityError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise XaiSparsityError(
+                f"the model fails on the probe: probe shape {tuple(self.probe.shape)} "
+                f"(dtype {self.probe.dtype}), but {type(self._root).__name__} expects "
+                f"{_expected_input(self._root)}. The model said: {exc}"
+            ) from exc
+
+    def _discover(self) -> list[str]:
+        from xai_sparsity.capture import capture
+
+        seen: list[str] = []
+
+        def note(name: str, out: Tensor) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        device, dtype = self._target()
+        x = self.probe[:2]
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        x = x.to(device)
+        with (
+            warnings.catch_warnings(),
+            _eval_no_grad(self._root),
+            capture(self._root, self._selected, mode="reduce", measures=(), reduce_fn=note) as cap,
+        ):
+            warnings.simplefilter("ignore")
+            self._forward(x)
+        if not seen:
+            raise XaiSparsityError(
+                f"none of the selected layers {self._selected[:8]} ran in the model's forward "
+                f"(they may be called as functions or skipped); choose others with layers="
+            )
+        return self._order(seen, set(cap.reused))
+
+    def _order(self, names: Sequence[str], reused: set[str]) -> list[str]:
+        """Per-call names in capture's convention (``name#0`` for a reused module's first call),
+        ordered by module registration, then call."""
+        index = {n: i for i, n in enumerate(self._selected)}
+        out = []
+        for n in names:
+            base, _, k = n.partition("#")
+            if not k and base in reused:
+                n, k = f"{base}#0", "0"
+            out.append((index.get(base, len(index)), int(k or 0), n))
+        return [n for *_, n in sorted(out)]
+
+    def _settings(self) -> dict[str, Any]:
+        import xai_sparsity
+
+        return {
+            "source": "monitor",
+            "model": type(self._root).__name__,
+            "layers": list(self.layers),
+            "measures": list(self.measures),
+            "scopes": list(self.scopes),
+            "sparsity": {
+                "measure": "perplexity",
+                "variant": "normalized",
+                "scope": "layer",
+                "transform": "abs",
+            },
+            "correlation": self.correlation,
+            "every": self.every,
+            "array_every": self.array_every,
+            "spatial_images": self.spatial_images,
+            "batch_size": self.batch_size,
+            "probe_size": int(self.probe.shape[0]),
+            "probe_shape": list(self.probe.shape[1:]),
+            "probe_labels": self.probe_labels is not None,
+            "train_stats_every": self.train_stats_every,
+            "warning": self._warning_kwargs if self._warning_kwargs is not None else False,
+            "xai_sparsity_version": xai_sparsity.__version__,
+        }
+
+    def _write_config(self) -> None:
+        old = self.run.config
+        if old and old.get("source", "monitor") != "monitor":
+            raise XaiSparsityError(
+                f"{str(self.out)!r} holds a run written by {old.get('source')!r}, not by a "
+                f"SparsityMonitor; choose another out= folder"
+            )
+        config = {**old, **self._settings()}
+        config.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.run.write_config(config)
+
+    def _rebuild_warning(self) -> None:
+        """(Re)build the early warning and replay the history already on disk into it."""
+        self._early = None
+        self.warning_epoch = None
+        self.warning_info = None
+        df = self.run.history()
+        self._last_epoch = int(df["epoch"].max()) if len(df) else 0
+        if self._warning_kwargs is None:
+            return
+        from xai_sparsity.analysis import EarlyWarning
+
+        self._early = EarlyWarning(**self._warning_kwargs)
+        for _, r in df.iterrows():
+            values = {
+                c.split(":", 1)[1]: float(r[c])
+                for c in df.columns
+                if c.startswith("sparsity:") and not (isinstance(r[c], float) and math.isnan(r[c]))
+            }
+            if not values:
+                continue
+            acc = r.get("train_acc")
+            acc = (
+                None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else float(acc)
+            )
+            with contextlib.suppress(XaiSparsityError):
+                if self._early.update(int(r["epoch"]), values, acc):
+                    self.warning_epoch = int(r["epoch"])
+
+    # ------------------------------------------------------------------------- measuring
+
+    def measure(self, arrays: bool = True) -> dict[str, Any]:
+        """One probe pass; returns ``{"scalars": {column: value}, "arrays": {key: array},
+        "per_sample": {layer: (P,) array}}`` without writing anything.
+
+        Args:
+            arrays: also compute the npz arrays (channel, spatial, correlation, lifetime).
+        """
+        from xai_sparsity.capture import capture
+
+        device, dtype = self._target()
+        x_all = self._probe_on(device, dtype)
+        accs: dict[str, _LayerAccumulator] = {}
+        offset = [0]
+
+        def reduce(name: str, out: Tensor) -> None:
+            acc = accs.get(name)
+            if acc is None:
+                acc = accs[name] = _LayerAccumulator(arrays, self.correlation, self.spatial_images)
+            self._reduce(acc, out, offset[0])
+
+        t0 = time.perf_counter()
+        with (
+            _eval_no_grad(self._root),
+            capture(
+                self._root, self._selected, mode="reduce", measures=(), reduce_fn=reduce
+            ) as cap,
+        ):
+            for start in range(0, x_all.shape[0], self.batch_size):
+                offset[0] = start
+                self._forward(x_all[start : start + self.batch_size])
+            reused = set(cap.reused) | self._reused
+        result = self._finalize(accs, reused, arrays)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings.append(time.perf_counter() - t0)
+        return result
+
+    def _reduce(self, acc: _LayerAccumulator, out: Tensor, offset: int) -> None:
+        if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
+            return
+        if out[0].numel() < 2:  # a single unit per sample has no sparsity
+            return
+        x = out.detach()
+        acc.count += x.shape[0]
+        stats = fused_layer_stats(
+            x, hoyer="hoyer" in self.measures, zeros="zero_fraction" in self.measures
+        )
+        acc.layer_values.append(stats["perplexity"])
+        for m in self.measures:
+            if m != "perplexity":
+                v = stats[m].sum()
+                acc.sums[m] = acc.sums[m] + v if m in acc.sums else v
+        if self.correlation:
+            if acc.corr is None:
+                from xai_sparsity.correlation import CorrelationAccumulator
+
+                acc.corr = CorrelationAccumulator(over="positions")
+            acc.corr.update(x)
+        positions = x[0, 0].numel() if x.dim() >= 3 else 1
+        acc.unit_means.append(stats["unit_sum"] / positions)  # (B, C) for lifetime sparsity
+        if not acc.arrays:
+            return
+        if x.dim() >= 3:
+            if "channel" in self.scopes and "channel" in stats:
+                ch = stats["channel"].sum(0)
+                acc.channel_sum = ch if acc.channel_sum is None else acc.channel_sum + ch
+            k = acc.spatial_images - offset
+            if "spatial" in self.scopes and k > 0 and x.shape[1] >= 2:
+                from xai_sparsity.measures import perplexity_sparsity
+
+                acc.spatial.append(
+                    perplexity_sparsity(x[:k], "spatial", check_finite=False).float()
+                )
+
+    def _finalize(
+        self, accs: Mapping[str, _LayerAccumulator], reused: set[str], arrays: bool
+    ) -> dict[str, Any]:
+        names = self._order(list(accs), reused)
+        by_name: dict[str, _LayerAccumulator] = {}
+        for n in accs:
+            base, _, k = n.partition("#")
+            by_name[f"{base}#0" if not k and base in reused else n] = accs[n]
+        scalars: dict[str, float] = {}
+        out_arrays: dict[str, np.ndarray] = {}
+        per_sample: dict[str, np.ndarray] = {}
+        for name in names:
+            acc = by_name[name]
+            if acc.count == 0:
+                continue
+            pp = torch.cat(acc.layer_values).cpu().double()
+            finite = torch.isfinite(pp)
+            if not bool(finite.all()):
+                warnings.warn(
+                    f"layer {name!r} produced NaN/Inf activations on the probe set", stacklevel=3
+                )
+            scalars[f"sparsity:{name}"] = float(pp.mean())
+            scalars[f"sparsity_std:{name}"] = float(pp.std(unbiased=False))
+            for m in self.measures:
+                if m != "perplexity":
+                    scalars[f"{_COLUMN_OF[m]}:{name}"] = float(acc.sums[m].item()) / acc.count
+            if acc.corr is not None:
+                scalars[f"correlation:{name}"] = float(acc.corr.mean_abs())
+                scalars[f"dead:{name}"] = int(acc.corr.num_dead)
+            lifetime = None
+            if acc.unit_means and acc.count >= 2:
+                from xai_sparsity.measures import lifetime_sparsity
+
+                lifetime = lifetime_sparsity(torch.cat(acc.unit_means), check_finite=False)
+                scalars[f"lifetime:{name}"] = float(lifetime.double().mean())
+            per_sample[name] = pp.float().numpy()
+            if not arrays:
+                continue
+            if "layer" in self.scopes:
+                out_arrays[f"layer:{name}"] = per_sample[name]
+            if acc.channel_sum is not None:
+                out_arrays[f"channel:{name}"] = (acc.channel_sum / acc.count).cpu().numpy()
+            if acc.spatial:
+                out_arrays[f"spatial:{name}"] = torch.cat(acc.spatial).cpu().numpy()
+            if acc.corr is not None:
+                out_arrays[f"correlation:{name}"] = acc.corr.correlation().float().cpu().numpy()
+            if lifetime is not None:
+                out_arrays[f"lifetime:{name}"] = lifetime.float().cpu().numpy()
+        return {"scalars": scalars, "arrays": out_arrays, "per_sample": per_sample}
+
+    # ------------------------------------------------------------------------- logging
+
+    def epoch_end(
+        self,
+        epoch: int,
+        train_loss: float | Tensor | None = None,
+        test_loss: float | Tensor | None = None,
+        train_acc: float | Tensor | None = None,
+        test_acc: float | Tensor | None = None,
+        **metrics: Any,
+    ) -> dict[str, Any]:
+        """Measure the probe set and append epoch ``epoch``'s row (1-based) to history.csv.
+
+        Losses and accuracies are optional (``test_loss`` is what the analysis compares with);
+        extra keyword metrics become extra columns. Re-logging an epoch that is already in the
+        history (after a restart) first drops that epoch and every later one.
+
+        Returns:
+            the row written (``{}`` on non-zero ranks and on epochs skipped by ``every``).
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
+            raise XaiSparsityError(f"epoch={epoch!r} must be an integer >= 1 (epochs are 1-based)")
+        epoch = int(epoch)
+        train_means = self.take_train_stats()
+        if self.rank != 0 or epoch % self.every != 0:
+            return {}
+        result = self.measure(arrays=self.wants_arrays(epoch))
+        extra = {f"train_batch_sparsity:{name}": v for name, v in train_means.items()}
+        return self.record(
+            epoch,
+            result,
+            extra=extra,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            test_loss=test_loss,
+            test_acc=test_acc,
+            **metrics,
+        )
+
+    def wants_arrays(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` writes ``arrays/epoch_NNNN.npz`` (epoch 1 and every
+        ``array_every``-th)."""
+        return self.array_every > 0 and (epoch == 1 or epoch % self.array_every == 0)
+
+    def take_train_stats(self) -> dict[str, float]:
+        """The training-batch means tracked since the last call (and reset them)."""
+        means = self._train_acc.means()
+        self._train_acc.clear()
+        return means
+
+    def record(
+        self,
+        epoch: int,
+        result: Mapping[str, Any],
+        *,
+        extra: Mapping[str, float] | None = None,
+        **metrics: Any,
+    ) -> dict[str, Any]:
+        """Write a measurement from :meth:`measure` as epoch ``epoch``'s row (and its arrays,
+        if it has them); ``metrics`` (losses, accuracies, extra metrics) go into the row before
+        the sparsity columns, ``extra`` columns after them.
+        Used by ``epoch_end`` and by framework integrations that measure and log at different
+        hooks. Returns the row."""
+        if self.rank != 0:
+            return {}
+        epoch = int(epoch)
+        if epoch <= self._last_epoch:
+            self.run.truncate_history(epoch - 1)
+            self._rebuild_warning()
+        row: dict[str, Any] = {"epoch": epoch}
+        for key, value in metrics.items():
+            if value is not None:
+                row[key] = _to_float(value)
+        row.update(result["scalars"])
+        row.update(extra or {})
+        self.run.append_history(row)
+        self._last_epoch = epoch
+        if result["arrays"]:
+            self.run.save_arrays(epoch, result["arrays"])
+        self.last_arrays = dict(result["arrays"])
+        self.last_row = row
+        self._warn(epoch, row)
+        self._tensorboard(epoch, row, result["per_sample"])
+        return row
+
+    def _warn(self, epoch: int, row: Mapping[str, Any]) -> None:
+        if self._early is None:
+            return
+        values = {k.split(":", 1)[1]: v for k, v in row.items() if k.startswith("sparsity:")}
+        acc = row.get("train_acc")
+        if not self._early.update(epoch, values, None if acc is None else float(acc)):
+            return
+        self.warning_epoch = epoch
+        info = {
+            "epoch": epoch,
+            "layers": dict(self._early.confirmed),
+            "sparsity": values,
+            "row": dict(row),
+        }
+        self.warning_info = info
+        if self._tb is not None:
+            self._tb.add_scalar("sparsity_warning", 1.0, epoch)
+        if self.on_warning is not None and self.on_warning(self, epoch, info):
+            self.should_stop = True
+
+    def _tensorboard(
+        self, epoch: int, row: Mapping[str, Any], per_sample: Mapping[str, Any]
+    ) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if ":" in key:
+                prefix, layer = key.split(":", 1)
+                self._tb.add_scalar(f"{prefix}/{layer}", value, epoch)
+        for layer, values in per_sample.items():
+            if len(values):
+                self._tb.add_histogram(f"sparsity_per_sample/{layer}", values, epoch)
+        self._tb.flush()
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Close the run: write the last epoch's arrays (if it has none yet: call this right
+        after the last ``epoch_end``, before the weights change), write ``summary.json``
+        (the analysis, when the history has a test loss), detach hooks and close TensorBoard.
+
+        Returns the summary written (``{}`` on non-zero ranks).
+        """
+        self.detach()
+        result: dict[str, Any] = {}
+        if self.rank == 0 and self._last_epoch > 0:
+            epoch = self._last_epoch
+            if self.array_every > 0 and epoch not in self.run.array_epochs():
+                measured = self.measure(arrays=True)
+                self.run.save_arrays(epoch, measured["arrays"])
+            result = {"epochs": epoch, "source": "monitor", "warning_epoch": self.warning_epoch}
+            hist = self.run.history()
+            if "test_loss" in hist.columns and hist["test_loss"].notna().any():
+                from xai_sparsity.analysis import analyze
+
+                try:
+                    result["analysis"] = analyze(hist).to_dict()
+                except XaiSparsityError as exc:
+                    result["analysis_error"] = str(exc)
+            result.update(summary or {})
+            self.run.mark_complete(result)
+        self.close()
+        return result
+
+    def close(self) -> None:
+        """Detach training hooks and close an owned TensorBoard writer (idempotent)."""
+        self.detach()
+        if self._tb is not None and self._tb_owned:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> SparsityMonitor:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.close()
+
+    # ------------------------------------------------------------------------- training stats
+
+    def attach(self, every: int | None = None) -> SparsityMonitor:
+        """Track layer-scope perplexity on every ``every``-th training forward (default:
+        ``train_stats_every`` or 10), computed in hooks of the training forward itself (no extra
+        forward, no gradient); the means go into ``train_batch_sparsity:<layer>`` at the next
+        ``epoch_end``. A forward counts as a training step when the model is in train mode and
+        autograd is on. Undo with :meth:`detach`.
+        """
+        every = every if every is not None else (self.train_stats_every or 10)
+        if not isinstance(every, int) or every < 1:
+            raise XaiSparsityError(f"every={every!r} must be an integer >= 1")
+        self.train_stats_every = every
+        if self._train_cap is not None:
+            return self
+        from xai_sparsity.capture import capture
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if module.training and torch.is_grad_enabled():
+                self._train_active = self._train_step % self.train_stats_every == 0  # type: ignore[operator]
+                self._train_step += 1
+            else:
+                self._train_active = False
+
+        cap = capture(
+            self._root, self._selected, mode="reduce", measures=(), reduce_fn=self._train_reduce
+        )
+        self._train_hook = self._root.register_forward_pre_hook(pre_hook)
+        cap.__enter__()
+        self._train_cap = cap
+        return self
+
+    def detach(self) -> None:
+        """Remove the training-statistics hooks (idempotent)."""
+        if self._train_cap is not None:
+            self._train_cap.remove_hooks()
+            self._train_cap = None
+        if self._train_hook is not None:
+            self._train_hook.remove()
+            self._train_hook = None
+        self._train_active = False
+
+    @contextlib.contextmanager
+    def track_training(self, every: int | None = None) -> Iterator[SparsityMonitor]:
+        """``with monitor.track_training(every=k):`` attach the training statistics for the block."""
+        was_attached = self._train_cap is not None
+        self.attach(every)
+        try:
+            yield self
+        finally:
+            if not was_attached:
+                self.detach()
+
+    def _train_reduce(self, name: str, out: Tensor) -> None:
+        if not self._train_active or not isinstance(out, Tensor) or not out.is_floating_point():
+            return
+        from xai_sparsity.measures import compute_measure
+
+        with torch.no_grad():
+            v = (
+                compute_measure("perplexity", out.detach(), "layer", check_finite=False)
+                .float()
+                .mean()
+            )
+        if name in self._reused:
+            name = f"{name}#0"
+        self._train_acc.add(name, v)

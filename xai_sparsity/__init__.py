@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "analyze": "analysis",
     "EarlyWarning": "analysis",
     "Analysis": "analysis",
+    "SparsityMonitor": "monitor",
 }
 
 __all__ = ["XaiSparsityError", "__version__", *_EXPORTS]
@@ -92,5 +93,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         perplexity_sparsity,
         zero_fraction,
     )
+    from xai_sparsity.monitor import SparsityMonitor
     from xai_sparsity.rundir import RunDir, load_history
     from xai_sparsity.sweep import SweepResult, sweep

@@ -49,7 +49,9 @@ def toy_data(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+def train_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
     model.train()
     total = 0.0
     for i in range(0, len(x), 16):
@@ -156,7 +158,9 @@ def test_fused_stats_equal_the_reference_measures(
         ref = compute_measure(m, x, "layer")
         torch.testing.assert_close(got[m], ref, atol=2e-5, rtol=0)
     if hw * hw >= 2:
-        torch.testing.assert_close(got["channel"], perplexity_sparsity(x, "channel"), atol=2e-5, rtol=0)
+        torch.testing.assert_close(
+            got["channel"], perplexity_sparsity(x, "channel"), atol=2e-5, rtol=0
+        )
     flat = x.reshape(b, -1)
     torch.testing.assert_close(fused_layer_stats(flat)["perplexity"], perplexity_sparsity(flat))
 
@@ -169,8 +173,12 @@ def test_restart_continues_the_same_history(tmp_path: Path) -> None:
     first = SparsityMonitor(model, probe, out=tmp_path, array_every=1, correlation=False)
     rows = {}
     for epoch in (1, 2, 3):
-        rows[epoch] = first.epoch_end(epoch, train_loss=train_epoch(model, opt, x, y), test_loss=1.0)
-    del first  # the process "dies" after epoch 3 was written; epoch 3 is re-run from the epoch-2 state
+        rows[epoch] = first.epoch_end(
+            epoch, train_loss=train_epoch(model, opt, x, y), test_loss=1.0
+        )
+    del (
+        first
+    )  # the process "dies" after epoch 3 was written; epoch 3 is re-run from the epoch-2 state
     second = SparsityMonitor(model, probe, out=tmp_path, array_every=1, correlation=False)
     second.epoch_end(3, train_loss=0.5, test_loss=0.9)
     second.epoch_end(4, train_loss=0.4, test_loss=0.95)
@@ -339,9 +347,14 @@ def test_early_warning_calls_back_and_can_stop(tmp_path: Path) -> None:
     assert len(calls) == 1 and calls[0][0] == stopped_at
     assert "relu" in calls[0][1]["layers"]
     # a restarted monitor replays the history and does not fire again for the past
-    again = SparsityMonitor(model, probe, layers="relu", out=tmp_path, correlation=False,
-                            warning={"alpha": 1.0, "patience": 2, "min_rise": 0.02, "warmup": 0,
-                                     "min_layers": 1})
+    again = SparsityMonitor(
+        model,
+        probe,
+        layers="relu",
+        out=tmp_path,
+        correlation=False,
+        warning={"alpha": 1.0, "patience": 2, "min_rise": 0.02, "warmup": 0, "min_layers": 1},
+    )
     assert again.warning_epoch == stopped_at
 
 
@@ -360,7 +373,9 @@ def test_training_batch_statistics(tmp_path: Path) -> None:
                     model(x[step * 4 : step * 4 + 4])
                 expected.append(float(cap.stats["1"]["perplexity:layer"].mean()))
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[step * 4 : step * 4 + 4]), y[step * 4 : step * 4 + 4]).backward()
+            nn.functional.cross_entropy(
+                model(x[step * 4 : step * 4 + 4]), y[step * 4 : step * 4 + 4]
+            ).backward()
             opt.step()
     row = monitor.epoch_end(1)
     assert row["train_batch_sparsity:1"] == pytest.approx(np.mean(expected), abs=1e-5)
@@ -387,8 +402,9 @@ def test_torchvision_models(tmp_path: Path, arch: str) -> None:
     else:
         model = torchvision.models.resnet18(num_classes=3)
     layers = "layer1.*" if arch == "resnet18" else "features.*"
-    monitor = SparsityMonitor(model, torch.rand(3, 3, 32, 32), layers=layers, out=tmp_path,
-                              spatial_images=2)
+    monitor = SparsityMonitor(
+        model, torch.rand(3, 3, 32, 32), layers=layers, out=tmp_path, spatial_images=2
+    )
     row = monitor.epoch_end(1, test_loss=1.0)
     if arch == "resnet18":  # the block's ReLU runs twice per forward: one column per call
         assert "sparsity:layer1.0.relu#0" in row and "sparsity:layer1.0.relu#1" in row
@@ -413,8 +429,9 @@ def test_tensorboard_scalars_and_histograms(tmp_path: Path) -> None:
 
     model = small_cnn()
     probe, _ = toy_data(6)
-    monitor = SparsityMonitor(model, probe, out=tmp_path / "run", correlation=False,
-                              log_to_tensorboard=tmp_path / "tb")
+    monitor = SparsityMonitor(
+        model, probe, out=tmp_path / "run", correlation=False, log_to_tensorboard=tmp_path / "tb"
+    )
     monitor.epoch_end(1)
     monitor.epoch_end(2)
     monitor.close()
@@ -469,7 +486,10 @@ def test_cli_analyze_reads_a_monitor_run(tmp_path: Path) -> None:
         monitor.epoch_end(epoch, train_loss=loss, test_loss=loss)
     proc = subprocess.run(
         [sys.executable, "-m", "xai_sparsity.cli", "analyze", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "t_L" in proc.stdout or "test loss" in proc.stdout.lower()

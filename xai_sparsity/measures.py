@@ -156,11 +156,23 @@ def _entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, 
         a = _transformed(x, transform, owned=True)
         total = a.sum(dim=dims, keepdim=True)
         dead = total == 0
-        # Fast path: one temporary, overwritten in place: p = a / S, then p ln p (xlogy: 0 ln 0 = 0).
+        # Fast path on the one temporary, in place: p = a / S (dividing first keeps sums of 1e30
+        # values finite and avoids the cancellation in ln S - sum(a ln a) / S), then -sum p ln p.
         a.div_(torch.where(dead, torch.ones_like(total), total))
-        a.xlogy_(a)
-        h = -a.sum(dim=dims)
-        return h, dead.squeeze(dims)
+        return _neg_plogp_sum(a, dims, fused=a.device.type != "cpu"), dead.squeeze(dims)
+
+
+def _neg_plogp_sum(p: Tensor, dims: tuple[int, ...], *, fused: bool) -> Tensor:
+    """-sum(p ln p) over ``dims`` with 0 ln 0 = 0; overwrites ``p``.
+
+    ``fused``: one xlogy pass (memory-bound devices). Otherwise zeros are raised to the smallest
+    normal float (changing H by < N * 1e-36) and a vectorised log is used: on CPU xlogy is
+    scalar code and about 3x slower, and log(0) takes a slow path.
+    """
+    if fused:
+        return -p.xlogy_(p).sum(dim=dims)
+    p.clamp_min_(torch.finfo(p.dtype).tiny)
+    return -torch.log(p).mul_(p).sum(dim=dims)
 
 
 def _sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
@@ -261,10 +273,15 @@ def hoyer_sparsity(
         peak = torch.where(peak == 0, torch.ones_like(peak), peak)
         a = a / peak if grad else a.div_(peak)
         l1 = a.sum(dim=dims)
-        # sqrt of a guarded sum of squares: finite gradient also for an all-zero map
-        sq = (a * a).sum(dim=dims)
-        dead = sq == 0
-        ratio = l1 / torch.sqrt(torch.where(dead, torch.ones_like(sq), sq))
+        if grad:  # sqrt of a guarded sum of squares: finite gradient also for all-zero maps
+            sq = (a * a).sum(dim=dims)
+            dead = sq == 0
+            l2 = torch.sqrt(torch.where(dead, torch.ones_like(sq), sq))
+        else:  # no temporary
+            l2 = torch.linalg.vector_norm(a, 2, dim=dims)
+            dead = l2 == 0
+            l2 = torch.where(dead, torch.ones_like(l2), l2)
+        ratio = l1 / l2
         root_n = math.sqrt(n)
         s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
         s = torch.where(dead, torch.ones_like(s), s)

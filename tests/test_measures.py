@@ -245,6 +245,20 @@ def test_reduced_precision_matches_float32() -> None:
             assert torch.allclose(got, compute_measure(name, lowp.float(), "channel"), atol=1e-6)
 
 
+def test_reduced_precision_gradients_match_float32() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    for name in DIFF:
+        for dtype in (torch.float16, torch.bfloat16):
+            low = x.to(dtype).requires_grad_(True)
+            ref = x.to(dtype).float().requires_grad_(True)
+            DIFF[name](low, "channel").sum().backward()
+            DIFF[name](ref, "channel").sum().backward()
+            assert low.grad is not None and ref.grad is not None
+            assert low.grad.dtype == dtype
+            tol = 2e-3 if dtype == torch.float16 else 2e-2
+            assert torch.allclose(low.grad.float(), ref.grad, atol=tol * ref.grad.abs().max())
+
+
 def test_integer_and_bool_input_are_converted() -> None:
     x = torch.tensor([[3, 1, 0, 0]])
     assert perplexity_sparsity(x).dtype == torch.float32

@@ -523,6 +523,24 @@ def _first_tensor(name: str, output: Any) -> Tensor:
     )
 
 
+def _check_measure_options(
+    options: Mapping[str, Any], registry: Mapping[str, Callable[..., Tensor]]
+) -> None:
+    """Validate measure_options keys against each measure's keyword arguments, up front."""
+    import inspect
+
+    for m, opts in options.items():
+        if m not in registry or not isinstance(opts, Mapping):
+            continue  # reported by the caller with its own message
+        accepted = [p for p in inspect.signature(registry[m]).parameters if p not in ("x", "scope")]
+        for key in opts:
+            if key not in accepted:
+                raise XaiSparsityError(
+                    f"measure_options[{m!r}] has option {key!r}, which {m!r} does not take; "
+                    f"its options are {accepted}"
+                )
+
+
 def _scope_applies(scope: str, out: Tensor) -> bool:
     """Whether ``scope`` gives N >= 2 units for ``out`` (B, C, ...): (B, F) outputs have no
     channel/spatial scope, a 1x1 map no channel scope, a one-channel map no spatial scope."""
@@ -609,6 +627,7 @@ class Capture:
 
             for m in self.measures:
                 check_choice("measure", m, tuple(MEASURES))
+            _check_measure_options(options, MEASURES)
             if not self.measures and reduce_fn is None:
                 raise XaiSparsityError("mode='reduce' needs measures=(...) or a reduce_fn")
             if not self.scopes and self.measures:
@@ -637,7 +656,6 @@ class Capture:
         self._handles: list[Any] = []
         self._active = False
         self._measure_fn: Callable[..., Tensor] | None = None
-        self._accepts_check_finite = False
         self.clear()
         self._seen: set[str] = set()
         self.reused: set[str] = set()
@@ -653,18 +671,9 @@ class Capture:
         if self._active:
             raise XaiSparsityError("this Capture is already active; create a new one to nest")
         if self.mode == "reduce" and self.measures:
-            import inspect
-
             from xai_sparsity.measures import compute_measure
 
             self._measure_fn = compute_measure
-            try:
-                params = inspect.signature(compute_measure).parameters
-                self._accepts_check_finite = "check_finite" in params or any(
-                    p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-                )
-            except (TypeError, ValueError):  # pragma: no cover - builtins without signature
-                self._accepts_check_finite = False
         ref = weakref.ref(self)
         try:
             self._handles.append(self._root.register_forward_pre_hook(_root_pre_hook(ref)))
@@ -771,7 +780,7 @@ class Capture:
         grad = torch.enable_grad() if self.differentiable else torch.no_grad()
         values: dict[str, Tensor] = {}
         assert self._measure_fn is not None
-        extra = {"check_finite": False} if self._accepts_check_finite else {}
+        extra = {"check_finite": False}  # checked lazily on access: no host sync in the hook
         with grad:
             for m in self.measures:
                 opts = {**self.measure_options.get(m, {}), **extra}

@@ -140,6 +140,27 @@ def test_streaming_property(sizes: list[int], mean: float, seed: int) -> None:
     assert 0.0 <= acc.mean_abs() <= 1.0
 
 
+@pytest.mark.parametrize("over", ["positions", "images"])
+def test_large_batches_are_sliced_without_changing_results(
+    over: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xai_sparsity.correlation as corr
+
+    x = torch.cat(_batches(7, 2, (5, 4, 3, 3), mean=50.0))  # 10 images
+    whole = CorrelationAccumulator(over)
+    whole.update(x)
+    monkeypatch.setattr(corr, "_SLICE_VALUES", 3 * 4 * 9)  # 3 images per slice: 4 slices
+    sliced = CorrelationAccumulator(over)
+    sliced.update(x)
+    assert sliced.n == whole.n
+    assert torch.allclose(sliced.correlation(), whole.correlation(), atol=1e-12, rtol=0)
+    bad = x.clone()
+    bad[-1, 0, 0, 0] = float("nan")  # in the last slice: nothing may be kept
+    with pytest.raises(XaiSparsityError, match="NaN or Inf"):
+        sliced.update(bad)
+    assert sliced.n == whole.n
+
+
 def test_merge_equals_single_accumulator() -> None:
     batches = _batches(4, 10, (3, 5, 4, 4), mean=200.0)
     whole, left, right = (CorrelationAccumulator() for _ in range(3))

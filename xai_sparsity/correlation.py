@@ -39,14 +39,15 @@ __all__ = [
 
 OVER: tuple[str, ...] = ("positions", "images")
 _STATE_VERSION = 1
+_SLICE_VALUES = 2**24  # values per float64 slice in CorrelationAccumulator.update (128 MiB)
 
 
 def _shape_str(x: Tensor) -> str:
     return "(" + ", ".join(str(d) for d in x.shape) + ")"
 
 
-def _samples(x: Any, over: str, fn: str) -> Tensor:
-    """Channel samples as a contiguous float64 (C, n) matrix on x's device (CPU for MPS)."""
+def _validated(x: Any, over: str, fn: str) -> Tensor:
+    """x detached, on a device with float64 (CPU for MPS), after the shape checks."""
     check_choice("over", over, OVER)
     if not isinstance(x, Tensor):
         raise XaiSparsityError(
@@ -64,11 +65,14 @@ def _samples(x: Any, over: str, fn: str) -> Tensor:
             f"{fn} got no samples: shape {_shape_str(x)} (B = {x.shape[0]}, C = {x.shape[1]})."
         )
     x = x.detach()
-    if x.device.type == "mps":  # no float64 on MPS
-        x = x.cpu()
+    return x.cpu() if x.device.type == "mps" else x  # no float64 on MPS
+
+
+def _samples(x: Tensor, over: str) -> Tensor:
+    """Channel samples of a validated x as a float64 (C, n) matrix that the caller owns."""
     if x.ndim > 2 and over == "images":
         x = x.flatten(2).mean(2, dtype=torch.float64)
-    # (B, C, ...) -> (C, B, ...) in one float64 copy that the caller owns, viewed as (C, n)
+    # (B, C, ...) -> (C, B, ...) in one float64 copy, viewed as (C, n)
     moved = x.transpose(0, 1)
     out = torch.empty(moved.shape, dtype=torch.float64, device=x.device)
     return out.copy_(moved).view(x.shape[1], -1)
@@ -113,7 +117,7 @@ def filter_correlation(x: Tensor, over: str = "positions") -> Tensor:
     [[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     """
     fn = "filter_correlation"
-    samples = _samples(x, over, fn)
+    samples = _samples(_validated(x, over, fn), over)
     _check_finite(samples.sum(1), _shape_str(x), fn)
     dead = samples.amax(1) == samples.amin(1)
     centred = samples - samples.mean(1, keepdim=True)
@@ -277,27 +281,44 @@ class CorrelationAccumulator:
     # ---- accumulation ----------------------------------------------------------------------
 
     def update(self, x: Tensor) -> None:
-        """Add a batch of activations x (B, C, ...) or (B, C) (detached; no gradient)."""
+        """Add a batch of activations x (B, C, ...) or (B, C) (detached; no gradient).
+
+        Large batches are processed in slices of about 2**24 values, bounding the float64 copy.
+        """
         fn = "CorrelationAccumulator.update"
         with torch.no_grad():
-            samples = _samples(x, self.over, fn)  # (C, n) float64
-            c, n = samples.shape
-            if self._shift is None:
-                shift = samples.mean(1)
-            else:
-                if c != self._shift.shape[0]:
-                    raise XaiSparsityError(
-                        f"{fn}: got {c} channels (shape {_shape_str(x)}) but this accumulator "
-                        f"holds {self._shift.shape[0]} channels from its first update; use one "
-                        f"accumulator per layer."
-                    )
-                self._to(samples.device)
-                shift = self._shift
-            _check_finite(samples.sum(1), _shape_str(x), fn)
-            low, high = samples.amin(1), samples.amax(1)
-            samples -= shift[:, None]  # our own float64 copy
-            batch_sum = samples.sum(1)
-            batch_outer = samples @ samples.t()
+            x = _validated(x, self.over, fn)
+            c = x.shape[1]
+            if self._shift is not None and c != self._shift.shape[0]:
+                raise XaiSparsityError(
+                    f"{fn}: got {c} channels (shape {_shape_str(x)}) but this accumulator holds "
+                    f"{self._shift.shape[0]} channels from its first update; use one accumulator "
+                    f"per layer."
+                )
+            self._to(x.device)
+            shift = self._shift
+            step = max(1, _SLICE_VALUES // max(1, x[0].numel()))
+            n = 0
+            batch_sum = batch_outer = low = high = None
+            for part in x.split(step):
+                samples = _samples(part, self.over)  # (C, n) float64
+                if shift is None:
+                    shift = samples.mean(1)
+                p_low, p_high = samples.amin(1), samples.amax(1)
+                samples -= shift[:, None]
+                p_sum, p_outer = samples.sum(1), samples @ samples.t()
+                if batch_sum is None:
+                    batch_sum, batch_outer, low, high = p_sum, p_outer, p_low, p_high
+                else:
+                    assert batch_outer is not None and low is not None and high is not None
+                    batch_sum += p_sum
+                    batch_outer += p_outer
+                    torch.minimum(low, p_low, out=low)
+                    torch.maximum(high, p_high, out=high)
+                n += samples.shape[1]
+            assert batch_sum is not None and batch_outer is not None and shift is not None
+            assert low is not None and high is not None
+            _check_finite(batch_sum, _shape_str(x), fn)  # before the state changes
             if self._shift is None:
                 self._shift, self._sum, self._outer = shift, batch_sum, batch_outer
                 self._min, self._max = low, high

@@ -62,7 +62,7 @@ class RunningStats:
     >>> rs = RunningStats()
     >>> rs.update(torch.tensor([0.1, 0.2, 0.3])); rs.update(torch.tensor([0.4]))
     >>> rs.n, round(rs.mean, 6), round(rs.quantile(0.5), 2)
-    (4, 0.25, 0.25)
+    (4, 0.25, 0.2)
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:

@@ -178,6 +178,22 @@ def test_merge_equals_single_accumulator() -> None:
     assert torch.allclose(left.correlation(), whole.correlation(), atol=1e-10, rtol=0)
 
 
+def test_inference_mode_then_normal_mode() -> None:
+    batches = _batches(8, 4, (2, 3, 2, 2))
+    acc, ref = CorrelationAccumulator(), CorrelationAccumulator()
+    with torch.inference_mode():
+        acc.update(batches[0])
+    for b in batches[1:]:
+        acc.update(b)
+    other = CorrelationAccumulator()
+    with torch.inference_mode():
+        other.update(batches[1])
+    acc.merge(other)
+    for b in [*batches, batches[1]]:
+        ref.update(b)
+    assert torch.allclose(acc.correlation(), ref.correlation(), atol=1e-12, rtol=0)
+
+
 def test_state_dict_round_trip_and_pickle() -> None:
     acc = CorrelationAccumulator("images")
     for b in _batches(5, 3, (4, 3, 2, 2)):

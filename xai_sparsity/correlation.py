@@ -325,10 +325,11 @@ class CorrelationAccumulator:
             else:
                 assert self._sum is not None and self._outer is not None
                 assert self._min is not None and self._max is not None
-                self._sum += batch_sum
-                self._outer += batch_outer
-                torch.minimum(self._min, low, out=self._min)
-                torch.maximum(self._max, high, out=self._max)
+                # out of place: the O(C^2) state may hold inference-mode tensors
+                self._sum = self._sum + batch_sum
+                self._outer = self._outer + batch_outer
+                self._min = torch.minimum(self._min, low)
+                self._max = torch.maximum(self._max, high)
             self._n += n
 
     def _to(self, device: torch.device) -> None:
@@ -341,9 +342,9 @@ class CorrelationAccumulator:
         """Express the sums about another shift (exact algebra)."""
         assert self._shift is not None and self._sum is not None and self._outer is not None
         d = self._shift - new_shift  # f - new = (f - old) + d
-        self._outer += torch.outer(d, self._sum) + torch.outer(self._sum, d)
-        self._outer += self._n * torch.outer(d, d)
-        self._sum += self._n * d
+        cross = torch.outer(d, self._sum)
+        self._outer = self._outer + cross + cross.t() + self._n * torch.outer(d, d)
+        self._sum = self._sum + self._n * d
         self._shift = new_shift.clone()
 
     def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
@@ -373,10 +374,10 @@ class CorrelationAccumulator:
         theirs._reshift(self._shift)
         assert theirs._sum is not None and theirs._outer is not None
         assert theirs._min is not None and theirs._max is not None
-        self._sum += theirs._sum
-        self._outer += theirs._outer
-        torch.minimum(self._min, theirs._min, out=self._min)
-        torch.maximum(self._max, theirs._max, out=self._max)
+        self._sum = self._sum + theirs._sum
+        self._outer = self._outer + theirs._outer
+        self._min = torch.minimum(self._min, theirs._min)
+        self._max = torch.maximum(self._max, theirs._max)
         self._n += theirs._n
         return self
 
@@ -431,6 +432,11 @@ class CorrelationAccumulator:
             [torch.tensor([float(self._n)], dtype=torch.float64, device=device), self._sum]
         )
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        self._outer, self._min, self._max = (
+            self._outer.clone(),
+            self._min.clone(),
+            self._max.clone(),
+        )
         dist.all_reduce(self._outer, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(self._min, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(self._max, op=dist.ReduceOp.MAX, group=group)

@@ -109,6 +109,12 @@ def test_loss_and_sparsity_options(run: RunDir) -> None:
         "hoyer:features.6",
     ]
     np.testing.assert_allclose(fig.xai_data["hoyer:features.6"], run.history()["hoyer:features.6"])
+    # a run whose test loss never turns gets no t_L line, and says so
+    calm = plot_loss_and_sparsity(arms_calm := make_run(run.path.parent / "calm", overfit=False))
+    assert calm.xai_data.attrs["turned"] is False
+    assert not any(len(ln.get_xdata()) == 2 for ln in calm.axes[0].get_lines())
+    assert "not turned" in " ".join(t.get_text() for t in calm.axes[0].texts)
+    assert arms_calm.layers == LAYERS
     # redrawing into the same figure replaces its content
     again = plot_loss_and_sparsity(run, ["features.1"], fig=fig)
     assert again is fig and len(fig.axes) == 2
@@ -246,8 +252,10 @@ def test_spatial_maps_from_arrays() -> None:
     assert up.min() >= maps.min() - 1e-6 and up.max() <= maps.max() + 1e-6
     np.testing.assert_allclose(up.mean(axis=(1, 2)), maps.mean(axis=(1, 2)), atol=0.05)
     assert data["feature_maps"].shape == (2, 4, 4)
-    only = plot_spatial_maps(images[:, :1], maps)  # grey images, no extras
+    only = plot_spatial_maps(images[:, :1], maps, sparsity_range=None)  # grey, no extras
     assert len([ax for ax in only.axes if ax.get_images()]) == 4
+    clim = only.axes[1].get_images()[-1].get_clim()
+    assert clim == pytest.approx((maps.min(), maps.max()))
     with pytest.raises(XaiSparsityError, match="K = 2"):
         plot_spatial_maps(images, maps[:1])
 

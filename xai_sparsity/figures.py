@@ -286,7 +286,8 @@ def plot_loss_and_sparsity(
 ) -> Figure:
     """Figure 1: train/test loss (top) and per-layer sparsity (bottom) over the same epochs.
 
-    The epoch of the smoothed test-loss minimum ``t_L`` is a dashed black line on both panels;
+    The epoch of the smoothed test-loss minimum ``t_L`` is a dashed black line on both panels
+    (only when the test loss turned, ``analysis.turned``; otherwise the loss panel says so);
     each layer's sustained-rise onset ``t_s,l`` is a dotted line and a marker in the layer's colour.
     ``analysis`` defaults to ``xai_sparsity.analysis.analyze(run, layers, measure=measure)``.
 
@@ -301,7 +302,7 @@ def plot_loss_and_sparsity(
     Returns:
         The figure; ``fig.xai_data`` is a DataFrame with columns ``epoch``, ``train_loss``,
         ``test_loss`` (and accuracies) and ``<measure>:<layer>`` per layer; its ``attrs`` hold
-        ``t_L`` and ``t_s`` (dict layer -> epoch or None).
+        ``t_L``, ``turned`` and ``t_s`` (dict layer -> epoch or None).
     """
     r = as_run(run)
     df = _history(r)
@@ -316,12 +317,13 @@ def plot_loss_and_sparsity(
     cols = ["epoch", *loss_cols, *acc_cols, *(f"{measure}:{n}" for n in chosen)]
     data = df[cols].copy()
     t_L = analysis.t_L if analysis is not None else None
+    turned = bool(analysis.turned) if analysis is not None else False
     t_s = {n: analysis.t_s.get(n) for n in chosen} if analysis is not None else {}
-    data.attrs = {"t_L": t_L, "t_s": t_s, "measure": measure}
+    data.attrs = {"t_L": t_L, "turned": turned, "t_s": t_s, "measure": measure}
 
     n_panels = 3 if acc_cols else 2
     w = _width()
-    fig = _new_figure(fig, w, w * (0.42 * n_panels + 0.1))
+    fig = _new_figure(fig, w, min(0.42 * w, 2.6) * n_panels + 0.35)
     axes = fig.subplots(n_panels, 1, sharex=True)
     ax_loss, ax_s = axes[0], axes[-1]
     epochs = data["epoch"].to_numpy()
@@ -346,7 +348,7 @@ def plot_loss_and_sparsity(
             hit = np.flatnonzero(epochs == t)
             if hit.size:
                 ax_s.plot([t], [y[hit[0]]], marker="o", color=color, linestyle="none")
-    if t_L is not None:
+    if t_L is not None and turned:
         for ax in axes:
             _mark_epoch(ax, t_L, "#000000", None)
         ax_loss.annotate(
@@ -357,6 +359,16 @@ def plot_loss_and_sparsity(
             va="top",
             xytext=(2, 0),
             textcoords="offset points",
+        )
+    elif analysis is not None:
+        ax_loss.text(
+            0.99,
+            0.98,
+            "test loss has not turned",
+            transform=ax_loss.transAxes,
+            ha="right",
+            va="top",
+            fontsize="small",
         )
     ax_loss.legend(loc="best")
     ax_s.set_ylabel(measure.replace("_", " "))
@@ -605,13 +617,14 @@ def plot_spatial_maps(
     titles: Sequence[str] | None = None,
     column_titles: Mapping[str, str] | None = None,
     alpha: float = 0.55,
+    sparsity_range: tuple[float, float] | None = (0.0, 1.0),
     fig: Figure | None = None,
 ) -> Figure:
     """Figure 4: spatial sparsity maps upsampled over the input images, beside attributions and
     feature maps. One row per image.
 
     Columns: the input; its spatial sparsity map (bilinearly upsampled to the image size, drawn
-    over the grey input with ``viridis`` on the fixed range [0, 1]); each attribution (scaled to
+    over the grey input with ``viridis``, by default on the fixed range [0, 1]); each attribution (scaled to
     its own max, ``inferno``); the feature map (shown at its own resolution).
 
     Args:
@@ -624,6 +637,8 @@ def plot_spatial_maps(
         column_titles: override column titles by key: "input", "sparsity", "features", or a
             method name.
         alpha: opacity of the overlays.
+        sparsity_range: colour range of the sparsity maps (default the measure's [0, 1], the same
+            for every image); None: the range of the given maps (more contrast).
         fig: draw into this figure (cleared).
 
     Returns:
@@ -668,6 +683,7 @@ def plot_spatial_maps(
     heads.update({n: n.replace("_", " ") for n in attrs})
     heads.update(column_titles or {})
     columns = ["input", "sparsity", *attrs, *(["features"] if feats is not None else [])]
+    lo, hi = sparsity_range if sparsity_range is not None else (float(sp.min()), float(sp.max()))
 
     w = _width()
     cell = w / len(columns)
@@ -684,7 +700,7 @@ def plot_spatial_maps(
             elif col == "sparsity":
                 ax.imshow(grey, cmap="gray")
                 sparsity_image = ax.imshow(
-                    up[i], cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, alpha=alpha
+                    up[i], cmap=SEQUENTIAL_CMAP, vmin=lo, vmax=hi, alpha=alpha
                 )
             elif col == "features":
                 assert feats is not None
@@ -732,6 +748,7 @@ def plot_run_spatial_maps(
     max_images: int | None = 4,
     model: Any = None,
     method: str | Sequence[str] | None = "saliency",
+    sparsity_range: tuple[float, float] | None = (0.0, 1.0),
     fig: Figure | None = None,
 ) -> Figure:
     """Figure 4 from a run directory: the ``spatial:<layer>`` maps of the fixed probe images
@@ -748,6 +765,7 @@ def plot_run_spatial_maps(
         max_images: at most this many probe images (None: all stored maps).
         model: optional model for attributions and feature maps.
         method: attribution method(s) of :func:`xai_sparsity.attributions.attribute`; None: none.
+        sparsity_range: colour range of the maps, see :func:`plot_spatial_maps`.
         fig: draw into this figure (cleared).
 
     Returns:
@@ -790,7 +808,13 @@ def plot_run_spatial_maps(
             for m, flag in states:
                 m.training = flag
     fig = plot_spatial_maps(
-        images, maps, attributions=attributions, feature_maps=features, titles=titles, fig=fig
+        images,
+        maps,
+        attributions=attributions,
+        feature_maps=features,
+        titles=titles,
+        sparsity_range=sparsity_range,
+        fig=fig,
     )
     fig.suptitle(f"{layer}, epoch {chosen}")
     data = figure_data(fig)

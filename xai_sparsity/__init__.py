@@ -50,6 +50,24 @@ _EXPORTS: dict[str, str] = {
     "EarlyWarning": "analysis",
     "Analysis": "analysis",
     "SparsityMonitor": "monitor",
+    # figures and attributions
+    "plot_loss_and_sparsity": "figures",
+    "plot_sparsity_heatmap": "figures",
+    "plot_channel_sparsity": "figures",
+    "plot_spatial_maps": "figures",
+    "plot_run_spatial_maps": "figures",
+    "plot_correlation": "figures",
+    "plot_correlation_over_epochs": "figures",
+    "plot_regulariser_comparison": "figures",
+    "paper_style": "figures",
+    "save_figure": "figures",
+    "attribute": "attributions",
+    "plot_attributions": "attributions",
+    # widgets
+    "LayerExplorer": "widgets",
+    "TrainingMonitor": "widgets",
+    "EpochScrubber": "widgets",
+    "RunComparison": "widgets",
 }
 
 __all__ = ["XaiSparsityError", "__version__", *_EXPORTS]
@@ -70,6 +88,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from xai_sparsity.analysis import Analysis, EarlyWarning, analyze
+    from xai_sparsity.attributions import attribute, plot_attributions
     from xai_sparsity.capture import (
         Capture,
         LayerInfo,
@@ -84,6 +103,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         filter_correlation,
         weight_similarity,
     )
+    from xai_sparsity.figures import (
+        paper_style,
+        plot_channel_sparsity,
+        plot_correlation,
+        plot_correlation_over_epochs,
+        plot_loss_and_sparsity,
+        plot_regulariser_comparison,
+        plot_run_spatial_maps,
+        plot_sparsity_heatmap,
+        plot_spatial_maps,
+        save_figure,
+    )
     from xai_sparsity.measures import (
         MEASURES,
         compute_measure,
@@ -96,3 +127,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from xai_sparsity.monitor import SparsityMonitor
     from xai_sparsity.rundir import RunDir, load_history
     from xai_sparsity.sweep import SweepResult, sweep
+    from xai_sparsity.widgets import EpochScrubber, LayerExplorer, RunComparison, TrainingMonitor

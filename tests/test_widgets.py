@@ -1,0 +1,345 @@
+"""Widget callbacks driven in the kernel over their value ranges.
+
+Every change of a control must change what is rendered (the PNG bytes of the panels it affects);
+callbacks must read their state from the widget, not from notebook variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("captum")
+
+from xai_sparsity import XaiSparsityError
+from xai_sparsity.attributions import METHODS
+from xai_sparsity.rundir import RunDir
+from xai_sparsity.widgets import (
+    EpochScrubber,
+    LayerExplorer,
+    RunComparison,
+    TrainingMonitor,
+)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 3),
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return small_cnn()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(4, 1, 12, 12, generator=g)
+
+
+@pytest.fixture(scope="module")
+def explorer(model: nn.Module, images: torch.Tensor) -> LayerExplorer:
+    return LayerExplorer(model, images, labels=torch.tensor([0, 1, 2, 0]), class_names="abc")
+
+
+def _changed(before: dict[str, bytes], after: dict[str, bytes], panels: list[str]) -> None:
+    for p in panels:
+        assert after[p] != before[p], f"panel {p!r} did not change"
+
+
+# ----------------------------------------------------------------------------- LayerExplorer
+
+
+def test_explorer_layers_are_the_conv_like_layers(explorer: LayerExplorer) -> None:
+    # default selection: conv and activation modules (not BatchNorm, pooling or linear layers)
+    assert explorer.layers == ["0", "2", "4", "5"]
+    assert set(explorer.rendered) == {
+        "input",
+        "feature_maps",
+        "channel_sparsity",
+        "spatial",
+        "correlation",
+        "attribution",
+    }
+    assert all(png.startswith(b"\x89PNG") for png in explorer.rendered.values())
+
+
+def test_explorer_every_layer_changes_output(explorer: LayerExplorer) -> None:
+    explorer.select(layer=explorer.layers[0], image=0, channel=0)
+    for layer in explorer.layers[1:]:
+        before = explorer.rendered
+        explorer.controls["layer"].value = layer
+        _changed(
+            before,
+            explorer.rendered,
+            ["feature_maps", "channel_sparsity", "spatial", "correlation"],
+        )
+        channels = explorer._activations(0)[layer].shape[1]
+        assert explorer.controls["channel"].max == channels - 1
+        assert explorer.state["layer"] == layer
+
+
+def test_explorer_several_images_change_output(explorer: LayerExplorer) -> None:
+    explorer.select(layer="2", image=0)
+    for image in range(1, explorer.inputs.shape[0]):
+        before = explorer.rendered
+        explorer.controls["image"].value = image
+        _changed(
+            before, explorer.rendered, ["input", "feature_maps", "channel_sparsity", "spatial"]
+        )
+        assert explorer.rendered["correlation"] == before["correlation"]  # a layer statistic
+
+
+def test_explorer_every_attribution_method(explorer: LayerExplorer) -> None:
+    explorer.select(layer="4", image=1)
+    maps = {}
+    for method in [m for m in METHODS if m != explorer.state["method"]] + [explorer.methods[0]]:
+        before = explorer.rendered
+        explorer.controls["method"].value = method
+        _changed(before, explorer.rendered, ["attribution"])
+        maps[method] = explorer._attribution(1, method, "4")
+        assert maps[method].shape == (12, 12)
+        assert np.isfinite(maps[method]).all()
+    assert set(maps) == set(METHODS)
+    # the methods compute different maps (not only different titles)
+    flat = [np.abs(m).ravel() / max(np.abs(m).max(), 1e-12) for m in maps.values()]
+    assert any(not np.allclose(flat[0], f) for f in flat[1:])
+
+
+def test_explorer_every_channel_of_one_layer(explorer: LayerExplorer) -> None:
+    explorer.select(layer="4", image=2, channel=0)
+    for channel in range(1, explorer.controls["channel"].max + 1):
+        before = explorer.rendered
+        explorer.controls["channel"].value = channel
+        _changed(before, explorer.rendered, ["feature_maps", "channel_sparsity"])
+        assert explorer.rendered["attribution"] == before["attribution"]
+
+
+def test_explorer_caches_one_forward_per_image(model: nn.Module, images: torch.Tensor) -> None:
+    no_grad_forwards = []
+    handle = model.register_forward_hook(
+        lambda *_: no_grad_forwards.append(1) if not torch.is_grad_enabled() else None
+    )
+    try:
+        ex = LayerExplorer(model, images, methods=("saliency",))
+        for rounds in range(2):  # visit every image twice, with a different layer each time
+            for image in range(images.shape[0]):
+                ex.select(layer=ex.layers[(image + rounds) % len(ex.layers)], image=image)
+    finally:
+        handle.remove()
+    # one probe forward (list_layers), then one capture forward per image, never again
+    assert len(no_grad_forwards) == 1 + images.shape[0]
+    assert ex.cache_info()["images"] == images.shape[0]
+    assert ex.cache_info()["bytes"] > 0
+
+
+def test_explorer_restores_train_mode_and_batchnorm(images: torch.Tensor) -> None:
+    net = small_cnn().train()
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    mean = bn.running_mean.clone()
+    ex = LayerExplorer(net, images, methods=("saliency", "gradcam"))
+    ex.select(layer=ex.layers[-1], method="gradcam")
+    ex.select(image=1)
+    assert net.training and all(m.training for m in net.modules())
+    assert torch.equal(bn.running_mean, mean)
+
+
+def test_callbacks_read_state_from_the_widget_only(images: torch.Tensor) -> None:
+    import ipywidgets as w
+
+    def build() -> Any:
+        return LayerExplorer(small_cnn(), images, methods=("saliency",)).widget
+
+    widget = build()  # nothing but the widget tree is kept
+
+    def walk(node: Any) -> list[Any]:
+        kids = getattr(node, "children", ())
+        return [node, *(x for k in kids for x in walk(k))]
+
+    nodes = walk(widget)
+    dropdown = next(n for n in nodes if isinstance(n, w.Dropdown) and n.description == "layer")
+    pngs = [n for n in nodes if isinstance(n, w.Image)]
+    before = [bytes(p.value) for p in pngs]
+    dropdown.value = dropdown.options[-1]
+    after = [bytes(p.value) for p in pngs]
+    assert sum(a != b for a, b in zip(before, after, strict=True)) >= 4
+
+    # two explorers do not share state
+    other = LayerExplorer(small_cnn(), images, methods=("saliency",))
+    kept = other.rendered
+    dropdown.value = dropdown.options[1]
+    assert other.rendered == kept
+
+
+def test_explorer_errors_name_the_bad_value(model: nn.Module, images: torch.Tensor) -> None:
+    with pytest.raises(XaiSparsityError, match=r"\(K, C, H, W\)"):
+        LayerExplorer(model, images[0])
+    with pytest.raises(XaiSparsityError, match="salency"):
+        LayerExplorer(model, images, methods=("salency",))
+    with pytest.raises(XaiSparsityError, match="labels"):
+        LayerExplorer(model, images, labels=[0, 1])
+    ex = LayerExplorer(model, images, methods=("saliency",))
+    with pytest.raises(XaiSparsityError, match="'nope'"):
+        ex.select(layer="nope")
+
+
+def test_explorer_without_labels_uses_prediction(model: nn.Module, images: torch.Tensor) -> None:
+    ex = LayerExplorer(model, images, methods=("saliency",))
+    with torch.no_grad():
+        pred = model.eval()(images).argmax(1)
+    assert [ex._target(i) for i in range(4)] == pred.tolist()
+
+
+# ----------------------------------------------------------------------------- TrainingMonitor
+
+
+def _rows(n: int = 12) -> list[dict[str, float]]:
+    rows = []
+    for e in range(1, n + 1):
+        rows.append(
+            {
+                "epoch": e,
+                "train_loss": 2.0 / e,
+                "test_loss": 1.0 + 0.02 * (e - 6) ** 2,
+                "train_acc": min(1.0, 0.5 + 0.05 * e),
+                "test_acc": 0.7,
+                "sparsity:conv1": 0.5,
+                "sparsity:conv2": 0.5 + (0.04 * (e - 3) if e > 3 else 0.0),
+            }
+        )
+    return rows
+
+
+def test_monitor_updates_in_place_and_shows_the_warning() -> None:
+    monitor = TrainingMonitor(rule={"min_layers": 1})
+    image = monitor._panels["curves"].image
+    seen = [monitor.rendered["curves"]]
+    for row in _rows():
+        monitor(row)
+        assert monitor._panels["curves"].image is image  # same widget, new bytes
+        assert monitor.rendered["curves"] != seen[-1]
+        seen.append(monitor.rendered["curves"])
+        fired = monitor.warning_epoch is not None
+        assert ("Early warning" in monitor.controls["status"].value) == fired
+    assert monitor.warning_epoch is not None and 4 <= monitor.warning_epoch <= 9
+    assert f"epoch {monitor.warning_epoch}" in monitor.controls["status"].value
+    assert len(monitor.history()) == 12
+
+
+def test_monitor_stays_silent_on_flat_sparsity_and_replays_runs(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "flat", create=True)
+    for row in _rows(10):
+        row["sparsity:conv2"] = 0.5
+        run.append_history(row)
+    monitor = TrainingMonitor().replay(run.path)
+    assert monitor.warning_epoch is None
+    assert "Early warning" not in monitor.controls["status"].value
+    assert "epoch 10" in monitor.controls["status"].value
+    with pytest.raises(XaiSparsityError, match="epoch"):
+        monitor({"train_loss": 1.0})
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def make_run(
+    path: Path, *, epochs: int = 6, every: int = 2, seed: int = 0, penalty: float = 0.0
+) -> RunDir:
+    """A synthetic run directory in the project's format (history, arrays, probe)."""
+    rng = np.random.default_rng(seed)
+    run = RunDir(path, create=True)
+    run.write_config({"epochs": epochs, "seed": seed, "penalty": penalty})
+    layers = {"conv1": 4, "conv2": 6}
+    run.save_probe(rng.random((3, 1, 12, 12)).astype(np.float32), np.array([0, 1, 2]))
+    for e in range(1, epochs + 1):
+        row: dict[str, float] = {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "train_acc": 0.5 + 0.05 * e,
+            "test_loss": 1.0 + 0.03 * (e - 3) ** 2 - penalty * e * 0.01,
+            "test_acc": 0.6 + 0.01 * e + penalty * 0.05,
+        }
+        for i, name in enumerate(layers):
+            row[f"sparsity:{name}"] = 0.4 + 0.05 * e * (i + 1) - penalty * 0.1
+        run.append_history(row)
+        if e % every == 0 or e == epochs:
+            arrays = {}
+            for name, c in layers.items():
+                r = rng.uniform(-1, 1, (c, c))
+                r = (r + r.T) / 2
+                np.fill_diagonal(r, 1.0)
+                arrays[f"channel:{name}"] = rng.random(c)
+                arrays[f"spatial:{name}"] = rng.random((3, 6, 6))
+                arrays[f"correlation:{name}"] = r
+                arrays[f"layer:{name}"] = rng.random(10)
+            run.save_arrays(e, arrays)
+    run.mark_complete({"epochs": epochs})
+    return run
+
+
+def test_scrubber_every_epoch_and_layer(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", epochs=7, every=2)
+    scrub = EpochScrubber(run.path)
+    assert scrub.epochs == [2, 4, 6, 7]
+    assert scrub.layers == ["conv1", "conv2"]
+    assert scrub.state["epoch"] == 7
+    for epoch in [2, 4, 6, 7]:
+        if epoch == scrub.state["epoch"]:
+            continue
+        before = scrub.rendered
+        scrub.controls["epoch"].value = epoch
+        _changed(before, scrub.rendered, ["heatmap", "channel_sparsity", "spatial", "correlation"])
+        assert f"epoch <b>{epoch}</b>" in scrub.controls["status"].value
+    for layer in ["conv2", "conv1"]:
+        before = scrub.rendered
+        scrub.controls["layer"].value = layer
+        _changed(before, scrub.rendered, ["heatmap", "channel_sparsity", "spatial", "correlation"])
+
+
+def test_scrubber_errors(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "noarrays", create=True)
+    run.append_history({"epoch": 1, "test_loss": 1.0, "sparsity:conv1": 0.5})
+    with pytest.raises(XaiSparsityError, match="no per-epoch arrays"):
+        EpochScrubber(run.path)
+    made = make_run(tmp_path / "ok")
+    with pytest.raises(XaiSparsityError, match="'conv9'"):
+        EpochScrubber(made, layer="conv9")
+
+
+def test_comparison_of_arms(tmp_path: Path) -> None:
+    exp = tmp_path / "experiment"
+    for k, (arm, pen) in enumerate({"baseline": 0.0, "dropout": 0.5, "sparsity": 1.0}.items()):
+        make_run(exp / arm, seed=k, penalty=pen)
+    comp = RunComparison(exp)
+    assert list(comp.runs) == ["baseline", "dropout", "sparsity"]
+    assert comp.layers == ["conv1", "conv2"]
+    table = comp.summary()
+    assert list(table["arm"]) == ["baseline", "dropout", "sparsity"]
+    assert table["best_test_acc"].is_monotonic_increasing
+    for layer in ["conv1", "conv2"]:
+        if layer == comp.state["layer"]:
+            continue
+        before = comp.rendered
+        comp.controls["layer"].value = layer
+        _changed(before, comp.rendered, ["curves", "layers"])
+    same = RunComparison({"a": exp / "baseline", "b": exp / "sparsity"}, layer="conv1")
+    assert same.state["layer"] == "conv1"
+    with pytest.raises(XaiSparsityError, match="no run directories"):
+        RunComparison(tmp_path / "experiment" / "baseline" / "arrays")

@@ -1,0 +1,1223 @@
+"""The reproducible study of the papers' claims: a grid of settings x seeds, run in parallel,
+summarised in one CSV, scored and reported (docs/science.md).
+
+A study config is a TOML file::
+
+    [study]
+    name = "claims"
+    seeds = [0, 1, 2]
+
+    [defaults]                       # TrainConfig fields shared by every run
+    epochs = 20
+    widths = [8, 8, 16, 16]
+
+    [[groups]]                       # a small grid; the study is a list of these
+    name = "fashion"
+    role = "detection"               # free tag used by the report ("detection", "penalty", ...)
+    set = { data = "fashion_mnist" } # fixed settings of the group
+    [groups.grid]                    # cartesian product; a value may be a table of settings
+    train_size = [500, 1000]
+    optimizer = [{ optimizer = "adam", lr = 0.001 }, { optimizer = "sgd", lr = 0.01 }]
+    [groups.arms]                    # named arms: settings on top of the cell's
+    baseline = {}
+    dropout = { dropout = 0.5 }
+    "penalty-auto@0.3" = { penalty_lambda = 0.3, penalty_layers = "auto" }
+
+Every (group, grid cell, arm, seed) is one run. The run id is deterministic: the group, arm and
+grid values in words plus a hash of the full settings, so the same config always maps to the same
+run directories, and two groups that ask for identical settings share one run. An arm with
+``penalty_layers = "auto"`` depends on the run with the same settings and no penalty (added when
+the config lacks it) and is trained after it, penalising the layers whose sparsity rose before
+that baseline's test-loss minimum (the deepest conv activation when none did; see
+:func:`xai_sparsity.training.run_experiment`).
+
+:func:`run_study` trains the runs in worker processes (``forkserver``/``spawn``; one torch thread
+each) or in this process (``workers=1``, e.g. on a GPU), skips complete runs (``summary.json``),
+resumes interrupted ones from their checkpoints, and rewrites ``summary.csv`` atomically after
+every run: one row per run with the settings, seed, ``t_L``, ``turned``, best and final test
+accuracy and every indicator's firing epoch (:mod:`xai_sparsity.indicators`).
+
+:func:`report` turns a summary CSV into the tables, figures and verdicts of docs/science.md.
+
+>>> spec = {"study": {"name": "s", "seeds": [0, 1]}, "defaults": {"epochs": 2},
+...         "groups": [{"name": "g", "grid": {"train_size": [50, 100]},
+...                     "arms": {"baseline": {}, "dropout": {"dropout": 0.5}}}]}
+>>> study = expand_study(spec)
+>>> len(study.runs), study.runs[0].run_id[:25]
+(8, 'g-baseline-train_size=50-')
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from xai_sparsity._errors import XaiSparsityError
+from xai_sparsity.rundir import RunDir, atomic_write_text
+
+SUMMARY_NAME = "summary.csv"
+"""File name of the study summary inside the study folder."""
+
+_PENALTY_KEYS = ("penalty_lambda", "penalty_layers")
+_ROW_SETTING_PREFIX = ""
+_GENERATED_BEGIN = "<!-- BEGIN GENERATED: xai-sparsity study-report -->"
+_GENERATED_END = "<!-- END GENERATED -->"
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class StudyRun:
+    """One run of a study: its id, where it comes from, and its TrainConfig settings."""
+
+    run_id: str
+    groups: tuple[str, ...]
+    roles: tuple[str, ...]
+    arm: str
+    seed: int
+    cell: str
+    settings: Mapping[str, Any]
+    depends_on: str | None = None
+
+    def config(self) -> Any:
+        """The :class:`xai_sparsity.training.TrainConfig` of this run (``auto`` not resolved)."""
+        from xai_sparsity.training import TrainConfig
+
+        return TrainConfig.from_dict({**self.settings, "seed": self.seed, "arm": self.arm})
+
+
+@dataclass
+class Study:
+    """An expanded study: its name, the runs in order, and the setting keys the config names."""
+
+    name: str
+    runs: list[StudyRun]
+    setting_keys: list[str] = field(default_factory=list)
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def by_id(self) -> dict[str, StudyRun]:
+        return {r.run_id: r for r in self.runs}
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: id, groups, arm, seed and the named settings."""
+        return pd.DataFrame([_base_row(r, self.setting_keys) for r in self.runs])
+
+
+def _hash(obj: Any, n: int = 8) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return "x".join(_word(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("/", "_").replace(" ", "_")
+
+
+def _axis_values(key: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(values, list) or not values:
+        raise XaiSparsityError(f"grid axis {key!r} must be a non-empty list; got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            label = _word(v.get(key, "-".join(_word(x) for x in v.values())))
+            out.append((label, dict(v)))
+        else:
+            out.append((_word(v), {key: v}))
+    return out
+
+
+def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
+    from xai_sparsity.training import TrainConfig
+
+    valid = {f for f in TrainConfig.__dataclass_fields__}
+    bad = sorted(set(settings) - valid)
+    if bad:
+        from xai_sparsity._errors import closest
+
+        hints = {b: closest(b, valid, 2) for b in bad}
+        raise XaiSparsityError(f"{where}: unknown setting(s) {bad} (closest: {hints})")
+    if "seed" in settings:
+        raise XaiSparsityError(f"{where}: 'seed' is set by [study] seeds, not in a setting")
+
+
+def expand_study(spec: Mapping[str, Any]) -> Study:
+    """Expand a parsed study config (see the module docstring) into its runs, in order."""
+    head = dict(spec.get("study", {}))
+    name = str(head.get("name", "study"))
+    seeds = head.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise XaiSparsityError(f"[study] seeds={seeds!r} must be a non-empty list of ints")
+    defaults = dict(spec.get("defaults", {}))
+    _check_settings("[defaults]", defaults)
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise XaiSparsityError("a study needs at least one [[groups]] table")
+    arm_keys = {k for g in groups for a in dict(g.get("arms", {})).values() for k in dict(a)}
+    arm_keys |= {"arm", *(_PENALTY_KEYS)}
+    setting_keys: list[str] = list(defaults)
+    by_hash: dict[str, StudyRun] = {}
+    order: list[str] = []
+    for gi, group in enumerate(groups):
+        gname = str(group.get("name", f"group{gi}"))
+        role = str(group.get("role", "detection"))
+        fixed = dict(group.get("set", {}))
+        _check_settings(f"group {gname!r} set", fixed)
+        grid = dict(group.get("grid", {}))
+        arms = dict(group.get("arms", {"baseline": {}}))
+        axes = [_axis_values(k, v) for k, v in grid.items()]
+        group_seeds = group.get("seeds", seeds)
+        for combo in itertools.product(*axes) if axes else [()]:
+            cell_settings: dict[str, Any] = {**defaults, **fixed}
+            for _, values in combo:
+                cell_settings.update(values)
+            slug = "_".join(f"{k}={label}" for k, (label, _) in zip(grid, combo, strict=True))
+            for arm, arm_settings in arms.items():
+                arm_settings = dict(arm_settings)
+                settings = {**cell_settings, **arm_settings}
+                _check_settings(f"group {gname!r} arm {arm!r}", settings)
+                for k in settings:
+                    if k not in setting_keys:
+                        setting_keys.append(k)
+                cell = _hash({k: v for k, v in settings.items() if k not in arm_keys})
+                for seed in group_seeds:
+                    h = _hash({"settings": settings, "seed": seed})
+                    if h in by_hash:
+                        old = by_hash[h]
+                        by_hash[h] = StudyRun(
+                            old.run_id,
+                            (*old.groups, gname) if gname not in old.groups else old.groups,
+                            (*old.roles, role) if role not in old.roles else old.roles,
+                            old.arm,
+                            old.seed,
+                            old.cell,
+                            old.settings,
+                        )
+                        continue
+                    parts = [gname, _word(arm)] + ([slug] if slug else []) + [f"s{seed}", h[:6]]
+                    run_id = "-".join(parts)
+                    by_hash[h] = StudyRun(
+                        run_id, (gname,), (role,), str(arm), int(seed), cell, settings
+                    )
+                    order.append(h)
+    runs = [by_hash[h] for h in order]
+    runs = _add_auto_baselines(runs)
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):  # pragma: no cover - the hash makes ids unique
+        raise XaiSparsityError("two runs of the study got the same id")
+    return Study(name=name, runs=runs, setting_keys=setting_keys, spec=dict(spec))
+
+
+def _baseline_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in settings.items() if not k.startswith("penalty_")}
+    return out
+
+
+def _add_auto_baselines(runs: list[StudyRun]) -> list[StudyRun]:
+    """Point every ``penalty_layers="auto"`` run at its no-penalty twin (added if missing)."""
+    index = {(_hash(_baseline_settings(r.settings)), r.seed): r for r in runs if not _penalised(r)}
+    out: list[StudyRun] = []
+    added: dict[str, StudyRun] = {}
+    for r in runs:
+        if _penalised(r) and r.settings.get("penalty_layers") == "auto":
+            base_settings = _baseline_settings(r.settings)
+            key = (_hash(base_settings), r.seed)
+            base = index.get(key)
+            if base is None:
+                h = _hash({"settings": base_settings, "seed": r.seed})
+                base = StudyRun(
+                    f"{r.groups[0]}-auto_baseline-s{r.seed}-{h[:6]}",
+                    r.groups,
+                    r.roles,
+                    "baseline",
+                    r.seed,
+                    r.cell,
+                    base_settings,
+                )
+                index[key] = base
+                added[base.run_id] = base
+                out.append(base)
+            r = StudyRun(
+                r.run_id, r.groups, r.roles, r.arm, r.seed, r.cell, r.settings, base.run_id
+            )
+        out.append(r)
+    return out
+
+
+def _penalised(r: StudyRun) -> bool:
+    return float(r.settings.get("penalty_lambda", 0.0) or 0.0) > 0
+
+
+def load_study(path: str | os.PathLike[str]) -> Study:
+    """Read and expand a study config (TOML)."""
+    import tomllib
+
+    p = Path(path)
+    if not p.exists():
+        raise XaiSparsityError(f"study config {str(p)!r} does not exist")
+    try:
+        spec = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise XaiSparsityError(f"study config {str(p)!r} is not valid TOML: {err}") from None
+    return expand_study(spec)
+
+
+# ---------------------------------------------------------------------------------- rows
+def _scalar(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return "-".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return v
+
+
+def _base_row(r: StudyRun, setting_keys: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "run_id": r.run_id,
+        "groups": ";".join(r.groups),
+        "roles": ";".join(r.roles),
+        "arm": r.arm,
+        "seed": r.seed,
+        "cell": r.cell,
+    }
+    for k in setting_keys:
+        if k in ("arm", "seed"):
+            continue
+        row[k] = _scalar(r.settings.get(k, _default(k)))
+    return row
+
+
+def _default(key: str) -> Any:
+    from xai_sparsity.training import TrainConfig
+
+    return getattr(TrainConfig(), key, None)
+
+
+def summarize_run(run: RunDir | str | os.PathLike[str]) -> dict[str, Any]:
+    """The study's per-run results of a finished run directory (no settings columns).
+
+    Keys: ``status``, ``epochs``, ``t_L``, ``turned``, ``rise``, ``best_test_acc``,
+    ``best_test_acc_epoch``, ``final_test_acc``, ``min_test_loss``, ``final_test_loss``,
+    ``final_train_acc``, ``final_sparsity_deepest``, ``final_correlation``, ``penalty_layers_used``,
+    ``seconds``, and the indicator columns of :func:`xai_sparsity.indicators.evaluate_run`.
+    """
+    from xai_sparsity.analysis import overfitting_onset
+    from xai_sparsity.indicators import RunData, evaluate_run
+
+    r = run if isinstance(run, RunDir) else RunDir(run)
+    df = r.history()
+    if df.empty:
+        raise XaiSparsityError(f"run {r.name!r} has no history")
+    summary = r.summary
+    onset = overfitting_onset(df["test_loss"].tolist(), df["epoch"].astype(int).tolist())
+    data = RunData.from_run(r)
+    deepest = data.watched[-1] if data.watched else None
+    last = df.iloc[-1]
+    corr = [
+        float(last[f"correlation:{n}"])
+        for n in data.watched
+        if f"correlation:{n}" in df.columns and not pd.isna(last[f"correlation:{n}"])
+    ]
+    acc = df["test_acc"].to_numpy(dtype=float)
+    row: dict[str, Any] = {
+        "status": "complete" if r.is_complete else "incomplete",
+        "epochs": int(df["epoch"].max()),
+        "t_L": onset.t_L,
+        "turned": bool(onset.turned),
+        "rise": round(float(onset.rise), 6),
+        "best_test_acc": float(np.nanmax(acc)),
+        "best_test_acc_epoch": int(df["epoch"].iloc[int(np.nanargmax(acc))]),
+        "final_test_acc": float(acc[-1]),
+        "min_test_loss": float(df["test_loss"].min()),
+        "final_test_loss": float(df["test_loss"].iloc[-1]),
+        "final_train_acc": float(df["train_acc"].iloc[-1]),
+        "final_sparsity_deepest": (
+            float(last[f"sparsity:{deepest}"]) if deepest is not None else math.nan
+        ),
+        "final_correlation": float(np.mean(corr)) if corr else math.nan,
+        "penalty_layers_used": ";".join(summary.get("penalty_layers", []) or []),
+        "seconds": summary.get("seconds_training"),
+    }
+    row.update(evaluate_run(data))
+    return row
+
+
+def _row_for(r: StudyRun, out: Path, setting_keys: Sequence[str]) -> dict[str, Any]:
+    row = _base_row(r, setting_keys)
+    row.update(summarize_run(out / r.run_id))
+    return row
+
+
+def write_summary(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Write the summary table atomically (CSV) and return it."""
+    df = pd.DataFrame(list(rows))
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    return df
+
+
+def read_summary(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a summary CSV written by :func:`run_study` (``turned`` as bool)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SUMMARY_NAME
+    if not p.exists():
+        raise XaiSparsityError(f"no study summary at {str(p)!r}")
+    try:
+        df = pd.read_csv(p)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=["run_id", "status"])
+    if "turned" in df.columns:
+        df["turned"] = df["turned"].astype(str).str.lower().isin(["true", "1"])
+    return df
+
+
+# ---------------------------------------------------------------------------------- running
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _train_one(
+    run: StudyRun, out: str, device: str | None, baseline_dir: str | None
+) -> dict[str, Any]:
+    """Train (or resume) one run; return its result columns. Runs in a worker process."""
+    from xai_sparsity.training import _resolve_auto, train
+
+    cfg = run.config()
+    if device is not None:
+        cfg = cfg.replace(device=device)
+    path = Path(out) / run.run_id
+    if cfg.penalty_lambda > 0 and cfg.penalty_layers == "auto":
+        if baseline_dir is None:
+            raise XaiSparsityError(f"run {run.run_id!r} needs its baseline run for 'auto'")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = _resolve_auto(cfg, RunDir(baseline_dir), path)
+    if os.environ.get("XAI_SPARSITY_STUDY_FAIL") == run.run_id:  # fault injection for tests
+        raise RuntimeError(f"injected failure in {run.run_id}")
+    train(cfg, path, progress=False)
+    return summarize_run(path)
+
+
+def default_workers(n_runs: int, device: str | None = None) -> int:
+    """``min(cores, runs)`` on the CPU; 1 (this process) on a GPU."""
+    if _uses_gpu(device):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, n_runs))
+
+
+def _uses_gpu(device: str | None) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _select(study: Study, limit: int | None, only: Sequence[str] | None) -> list[StudyRun]:
+    runs = study.runs
+    if only:
+        wanted = set(only)
+        unknown = sorted(
+            w for w in wanted if not any(w in g for r in runs for g in (r.run_id, *r.groups))
+        )
+        if unknown:
+            raise XaiSparsityError(
+                f"--only {unknown} matches no run id or group; groups: "
+                f"{sorted({g for r in runs for g in r.groups})}"
+            )
+        runs = [r for r in runs if any(w in (r.run_id, *r.groups) for w in wanted)]
+    if limit is not None:
+        if limit < 1:
+            raise XaiSparsityError(f"limit={limit!r} must be >= 1")
+        runs = runs[:limit]
+    by_id = study.by_id()
+    chosen = {r.run_id for r in runs}
+    for r in list(runs):
+        if r.depends_on and r.depends_on not in chosen:
+            chosen.add(r.depends_on)
+    return [r for r in study.runs if r.run_id in chosen and r.run_id in by_id]
+
+
+def run_study(
+    study: Study | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    limit: int | None = None,
+    only: Sequence[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run (or finish) a study and write ``out/summary.csv``.
+
+    Args:
+        study: a :class:`Study` or the path of a study config (TOML).
+        out: the study folder: one run directory per run id, and ``summary.csv``.
+        workers: worker processes (default :func:`default_workers`); 1 runs in this process.
+        limit: run only the first ``limit`` runs (plus the baselines they need).
+        only: run only runs whose id or group is listed.
+        device: passed to every run (default: each run's own setting, "auto").
+        progress: a tqdm bar over runs.
+
+    Returns the summary (one row per selected run; failed runs have ``status="failed"`` and an
+    ``error``). Raises :class:`XaiSparsityError` after writing the summary if a run failed.
+    """
+    if not isinstance(study, Study):
+        study = load_study(study)
+    base = Path(out)
+    base.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        base / "study.json", json.dumps({"name": study.name, "spec": study.spec}, indent=1)
+    )
+    runs = _select(study, limit, only)
+    keys = study.setting_keys
+    rows: dict[str, dict[str, Any]] = {}
+    done = {r.run_id for r in runs if (base / r.run_id / "summary.json").exists()}
+    for r in runs:
+        if r.run_id in done:
+            rows[r.run_id] = _row_for(r, base, keys)
+    summary_path = base / SUMMARY_NAME
+
+    def flush() -> pd.DataFrame:
+        return write_summary([rows[r.run_id] for r in runs if r.run_id in rows], summary_path)
+
+    flush()
+    pending = [r for r in runs if r.run_id not in done]
+    n_workers = workers if workers is not None else default_workers(len(pending), device)
+    if n_workers < 1:
+        raise XaiSparsityError(f"workers={n_workers!r} must be >= 1")
+    failed: dict[str, str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs), initial=len(done), desc=study.name, unit="run")
+
+    def record(r: StudyRun, result: dict[str, Any] | None, error: str | None) -> None:
+        row = _base_row(r, keys)
+        if error is None:
+            assert result is not None
+            row.update(result)
+        else:
+            row.update({"status": "failed", "error": error.strip().splitlines()[-1][:300]})
+            failed[r.run_id] = error
+        rows[r.run_id] = row
+        flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(r.run_id[:40], refresh=False)
+
+    def ready(r: StudyRun) -> bool:
+        return r.depends_on is None or r.depends_on in done
+
+    def blocked(r: StudyRun) -> bool:
+        return r.depends_on is not None and r.depends_on in failed
+
+    def base_dir(r: StudyRun) -> str | None:
+        return str(base / r.depends_on) if r.depends_on else None
+
+    try:
+        if n_workers == 1:
+            queue = list(pending)
+            while queue:
+                nxt = next((q for q in queue if ready(q) or blocked(q)), None)
+                if nxt is None:  # pragma: no cover - dependencies always come first
+                    raise XaiSparsityError("study runs wait on each other")
+                r = nxt
+                queue.remove(r)
+                if blocked(r):
+                    record(r, None, f"its baseline {r.depends_on} failed")
+                    continue
+                try:
+                    _worker_init(max(1, (os.cpu_count() or 1)) if _uses_gpu(device) else 0)
+                    result = _train_one(r, str(base), device, base_dir(r))
+                except Exception:
+                    record(r, None, traceback.format_exc())
+                else:
+                    done.add(r.run_id)
+                    record(r, result, None)
+        else:
+            _run_pool(pending, n_workers, base, device, ready, blocked, base_dir, record, done)
+    finally:
+        if bar is not None:
+            bar.close()
+    table = flush()
+    if failed:
+        first = next(iter(failed.values())).strip().splitlines()[-1]
+        raise XaiSparsityError(
+            f"{len(failed)} run(s) failed: {sorted(failed)[:5]}; first error: {first}. "
+            f"The summary of the others is in {str(summary_path)!r}; rerun to retry."
+        )
+    return table
+
+
+def _run_pool(
+    pending: list[StudyRun],
+    n_workers: int,
+    base: Path,
+    device: str | None,
+    ready: Any,
+    blocked: Any,
+    base_dir: Any,
+    record: Any,
+    done: set[str],
+) -> None:
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    queue = list(pending)
+    with cf.ProcessPoolExecutor(
+        max_workers=n_workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)
+    ) as pool:
+        running: dict[cf.Future[dict[str, Any]], StudyRun] = {}
+        try:
+            while queue or running:
+                for r in [q for q in queue if blocked(q)]:
+                    queue.remove(r)
+                    record(r, None, f"its baseline {r.depends_on} failed")
+                for r in [q for q in queue if ready(q)]:
+                    if len(running) >= n_workers:
+                        break
+                    queue.remove(r)
+                    fut = pool.submit(_train_one, r, str(base), device, base_dir(r))
+                    running[fut] = r
+                if not running:
+                    if queue:  # pragma: no cover - dependencies always come first
+                        raise XaiSparsityError("study runs wait on each other")
+                    break
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    r = running.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as err:
+                        tb = "".join(traceback.format_exception(err))
+                        record(r, None, tb)
+                    else:
+                        done.add(r.run_id)
+                        record(r, result, None)
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            raise
+
+
+# ---------------------------------------------------------------------------------- analysis
+def penalty_table(summary: pd.DataFrame, role: str = "penalty") -> pd.DataFrame:
+    """Best and final test accuracy per arm (mean, std, n) on the runs of groups with ``role``,
+    with the share of runs whose test loss turned."""
+    df = _role(summary, role)
+    if df.empty:
+        return pd.DataFrame()
+    g = df.groupby("arm", sort=False)
+    out = pd.DataFrame(
+        {
+            "n": g.size(),
+            "best_acc_mean": g["best_test_acc"].mean(),
+            "best_acc_std": g["best_test_acc"].std(ddof=1),
+            "final_acc_mean": g["final_test_acc"].mean(),
+            "final_acc_std": g["final_test_acc"].std(ddof=1),
+            "turned_share": g["turned"].mean(),
+            "final_sparsity_deepest": g["final_sparsity_deepest"].mean(),
+            "final_correlation": g["final_correlation"].mean(),
+        }
+    ).reset_index()
+    return out
+
+
+def _role(summary: pd.DataFrame, role: str) -> pd.DataFrame:
+    if "roles" not in summary.columns:
+        return summary.copy()
+    ok = summary["roles"].astype(str).str.split(";").apply(lambda rs: role in rs)
+    df = summary[ok]
+    if "status" in df.columns:
+        df = df[df["status"] == "complete"]
+    return df.copy()
+
+
+def paired_comparison(
+    summary: pd.DataFrame,
+    arms: Sequence[str] | None = None,
+    against: Sequence[str] = ("baseline", "dropout", "batchnorm"),
+    role: str = "penalty",
+    metrics: Sequence[str] = ("best_test_acc", "final_test_acc"),
+) -> pd.DataFrame:
+    """Paired differences ``arm - comparator`` over runs with the same cell and seed.
+
+    Returns one row per (arm, comparator, metric): ``n_pairs``, ``mean_diff``, ``std_diff``,
+    ``wins`` (pairs where the arm is better), ``t_p`` (paired t-test) and ``sign_p`` (two-sided
+    sign test, ties dropped).
+    """
+    from scipy import stats
+
+    df = _role(summary, role)
+    if df.empty:
+        return pd.DataFrame()
+    if arms is None:
+        arms = [a for a in df["arm"].unique() if str(a).startswith("penalty")]
+    rows = []
+    for arm in arms:
+        for comp in against:
+            a = df[df["arm"] == arm].set_index(["cell", "seed"])
+            b = df[df["arm"] == comp].set_index(["cell", "seed"])
+            common = a.index.intersection(b.index)
+            for metric in metrics:
+                d = (a.loc[common, metric] - b.loc[common, metric]).to_numpy(dtype=float)
+                n = len(d)
+                nonzero = d[d != 0]
+                t_p = (
+                    float(stats.ttest_rel(a.loc[common, metric], b.loc[common, metric]).pvalue)
+                    if n >= 2 and np.std(d) > 0
+                    else math.nan
+                )
+                sign_p = (
+                    float(stats.binomtest(int((nonzero > 0).sum()), len(nonzero), 0.5).pvalue)
+                    if len(nonzero)
+                    else math.nan
+                )
+                rows.append(
+                    {
+                        "arm": arm,
+                        "against": comp,
+                        "metric": metric,
+                        "n_pairs": n,
+                        "mean_diff": float(d.mean()) if n else math.nan,
+                        "std_diff": float(d.std(ddof=1)) if n >= 2 else math.nan,
+                        "wins": int((d > 0).sum()),
+                        "t_p": t_p,
+                        "sign_p": sign_p,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def lambda_curve(summary: pd.DataFrame, role: str = "penalty") -> pd.DataFrame:
+    """Mean and std of best/final test accuracy per targeting (``auto``/``all``) and lambda; the
+    baseline appears at lambda 0 in both."""
+    df = _role(summary, role)
+    if df.empty or "penalty_lambda" not in df.columns:
+        return pd.DataFrame()
+    lam = df["penalty_lambda"].fillna(0.0).astype(float)
+    layers = df.get("penalty_layers", pd.Series([None] * len(df), index=df.index))
+    target = np.where(layers.astype(str) == "auto", "auto", "all")
+    base = df[(lam == 0) & (df["arm"] == "baseline")]
+    parts = []
+    for t in ("auto", "all"):
+        sel = df[(lam > 0) & (target == t)]
+        if sel.empty:
+            continue
+        both = pd.concat([base.assign(_lam=0.0), sel.assign(_lam=lam[sel.index])])
+        g = both.groupby("_lam")
+        parts.append(
+            pd.DataFrame(
+                {
+                    "targeting": t,
+                    "lambda": g.size().index,
+                    "n": g.size().to_numpy(),
+                    "best_acc_mean": g["best_test_acc"].mean().to_numpy(),
+                    "best_acc_std": g["best_test_acc"].std(ddof=1).to_numpy(),
+                    "final_acc_mean": g["final_test_acc"].mean().to_numpy(),
+                    "final_acc_std": g["final_test_acc"].std(ddof=1).to_numpy(),
+                    "turned_share": g["turned"].mean().to_numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def detection_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """The complete runs scored as detectors: every run except penalised ones (a penalty changes
+    the sparsity it is judged by)."""
+    df = summary
+    if "status" in df.columns:
+        df = df[df["status"] == "complete"]
+    if "penalty_lambda" in df.columns:
+        df = df[df["penalty_lambda"].fillna(0.0).astype(float) == 0.0]
+    return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------- report
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.{digits}f}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table of ``df`` (numbers rounded to ``digits``)."""
+    if df.empty:
+        return "(no rows)\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(str(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per group: runs, share turned, median t_L, mean best and final test accuracy."""
+    rows = []
+    df = summary[summary["status"] == "complete"] if "status" in summary.columns else summary
+    groups = sorted({g for gs in df["groups"].astype(str) for g in gs.split(";")}, key=str)
+    first_seen = {
+        g: i
+        for i, g in enumerate(
+            dict.fromkeys(g for gs in df["groups"].astype(str) for g in gs.split(";"))
+        )
+    }
+    for g in sorted(groups, key=lambda x: first_seen[x]):
+        sel = df[df["groups"].astype(str).str.split(";").apply(lambda gs, g=g: g in gs)]
+        rows.append(
+            {
+                "group": g,
+                "runs": len(sel),
+                "turned": int(sel["turned"].sum()),
+                "t_L median": float(sel.loc[sel["turned"], "t_L"].median())
+                if sel["turned"].any()
+                else math.nan,
+                "best acc": float(sel["best_test_acc"].mean()),
+                "final acc": float(sel["final_test_acc"].mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _figures(
+    summary: pd.DataFrame,
+    scores: pd.DataFrame,
+    curve: pd.DataFrame,
+    arms: pd.DataFrame,
+    folder: Path,
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from xai_sparsity.indicators import leads
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    det = detection_runs(summary)
+
+    def save(fig: Any, name: str) -> None:
+        path = folder / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+        os.replace(tmp, path)
+        plt.close(fig)
+        made[name] = name
+
+    if not scores.empty:
+        fig, ax = plt.subplots(figsize=(6.0, 3.2))
+        data = [
+            leads(det, str(name), float(t))
+            for name, t in zip(scores["indicator"], scores["threshold"], strict=True)
+        ]
+        ax.boxplot(data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True)
+        ax.axvline(0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("lead = t_L − firing epoch (epochs; > 0: fired before the turn)")
+        ax.set_title("Lead on overfitting runs (all detection runs, calibrated threshold)")
+        save(fig, "leads.png")
+
+        fig, ax = plt.subplots(figsize=(4.6, 3.6))
+        for name, rec, prec in zip(
+            scores["indicator"], scores["recall"], scores["precision"], strict=True
+        ):
+            ax.scatter(float(rec), float(prec), s=30)
+            ax.annotate(
+                str(name),
+                (float(rec), float(prec)),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        base = float(scores["base_rate"].iloc[0])
+        ax.axhline(base, color="k", lw=0.8, ls="--", label=f"base rate {base:.2f}")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("recall (evaluation half)")
+        ax.set_ylabel("precision (evaluation half)")
+        ax.legend(fontsize=7, loc="lower left")
+        save(fig, "precision_recall.png")
+
+    if not curve.empty:
+        fig, ax = plt.subplots(figsize=(5.0, 3.2))
+        for t, sel in curve.groupby("targeting"):
+            x = sel["lambda"].to_numpy(dtype=float)
+            xs = np.where(x == 0, min(x[x > 0].min() / 3, 0.01) if (x > 0).any() else 0.01, x)
+            ax.errorbar(
+                xs,
+                sel["best_acc_mean"],
+                yerr=sel["best_acc_std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=f"{t}: best",
+            )
+            ax.errorbar(
+                xs,
+                sel["final_acc_mean"],
+                yerr=sel["final_acc_std"].fillna(0),
+                marker="s",
+                ls="--",
+                capsize=3,
+                label=f"{t}: final",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda (leftmost point: baseline, lambda 0)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+        save(fig, "lambda_curve.png")
+
+    if not arms.empty:
+        fig, ax = plt.subplots(figsize=(6.0, 3.2))
+        x = np.arange(len(arms))
+        ax.bar(
+            x - 0.2,
+            arms["best_acc_mean"],
+            0.4,
+            yerr=arms["best_acc_std"].fillna(0),
+            label="best",
+            capsize=2,
+        )
+        ax.bar(
+            x + 0.2,
+            arms["final_acc_mean"],
+            0.4,
+            yerr=arms["final_acc_std"].fillna(0),
+            label="final",
+            capsize=2,
+        )
+        ax.set_xticks(x, list(arms["arm"]), rotation=35, ha="right", fontsize=7)
+        lo = float(np.nanmin(arms[["best_acc_mean", "final_acc_mean"]].to_numpy())) - 0.05
+        ax.set_ylim(max(0.0, lo), 1.0)
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+        save(fig, "arms.png")
+    return made
+
+
+def _verdicts(
+    scores: pd.DataFrame, pairs: pd.DataFrame, arms: pd.DataFrame, det: pd.DataFrame
+) -> list[str]:
+    out: list[str] = []
+    by = scores.set_index("indicator") if not scores.empty else pd.DataFrame()
+    if "ew_perplexity" in by.index:
+        s = by.loc["ew_perplexity"]
+        controls = det[~det["turned"]]
+        fired_controls = (
+            controls["fire:ew_perplexity"].notna().mean() if len(controls) else math.nan
+        )
+        lift = s["precision"] - s["base_rate"]
+        held = lift >= 0.15 and s["recall"] >= 0.5 and s["lead_median"] >= 0
+        partly = (not held) and (s["auc"] >= 0.65 or lift >= 0.1)
+        word = "HELD" if held else ("PARTLY HELD" if partly else "DID NOT HOLD")
+        out.append(
+            f"**Claim 1 (sparsity rises before the test loss turns, usable as a label-free "
+            f"indicator): {word}.** The early-warning rule on perplexity sparsity, threshold "
+            f"chosen on the calibration half, reached precision {_fmt(s['precision'])} "
+            f"(base rate {_fmt(s['base_rate'])}), recall {_fmt(s['recall'])}, AUC "
+            f"{_fmt(s['auc'])} on the evaluation half, with median lead "
+            f"{_fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
+            f"{_fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
+            "precision at least 0.15 above the base rate, recall >= 0.5 and median lead >= 0."
+        )
+        best = by.sort_values("auc", ascending=False)
+        if "train_acc" in by.index:
+            b = by.loc["train_acc"]
+            better = [
+                n
+                for n in by.index
+                if n != "train_acc"
+                and not math.isnan(by.loc[n, "auc"])
+                and by.loc[n, "auc"] > b["auc"]
+            ]
+            out.append(
+                f"Against the trivial baseline (training accuracy reached its threshold; AUC "
+                f"{_fmt(b['auc'])}, precision {_fmt(b['precision'])}, recall {_fmt(b['recall'])}), "
+                + (
+                    f"these indicators ranked runs better (higher AUC): {', '.join(better)}."
+                    if better
+                    else "no sparsity-based indicator ranked runs better (higher AUC)."
+                )
+                + f" Highest AUC overall: {best.index[0]} ({_fmt(best['auc'].iloc[0])})."
+            )
+    if not pairs.empty:
+        best_pairs = pairs[pairs["metric"] == "best_test_acc"]
+        mean_by_arm = best_pairs.groupby("arm")["mean_diff"].mean()
+        top = str(mean_by_arm.idxmax())
+        sel = best_pairs[best_pairs["arm"] == top].set_index("against")
+        by_comp: dict[Any, dict[Any, Any]] = sel.to_dict("index")
+        wins_all = all(
+            c in by_comp and by_comp[c]["mean_diff"] > 0 and by_comp[c]["sign_p"] < 0.05
+            for c in ("baseline", "dropout", "batchnorm")
+        )
+        parts = [
+            f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {_fmt(sel.loc[c, 't_p'])}, "
+            f"p_sign {_fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
+            for c in sel.index
+        ]
+        out.append(
+            f"**Claim 3 (the targeted penalty beats dropout and batch norm): "
+            f"{'HELD' if wins_all else 'DID NOT HOLD'}.** The best penalty arm on average, "
+            f"{top}, differed in best test accuracy by: {'; '.join(parts)}. Criterion for HELD: "
+            "a positive mean paired difference against all three with sign-test p < 0.05."
+        )
+    if not arms.empty and "baseline" in set(arms["arm"]):
+        a = arms.set_index("arm")
+        pen = [x for x in a.index if str(x).startswith("penalty")]
+        if pen:
+            dens = ", ".join(f"{p}: {_fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
+            corr = ", ".join(f"{p}: {_fmt(a.loc[p, 'final_correlation'])}" for p in pen)
+            out.append(
+                "**Claim 2 (the penalty makes targeted activations denser):** final perplexity "
+                f"sparsity of the deepest conv activation, baseline "
+                f"{_fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}."
+            )
+            out.append(
+                "**Claim 4 (filter correlation, counteracted by the penalty):** final mean |r| "
+                f"over the conv activations, baseline {_fmt(a.loc['baseline', 'final_correlation'])}"
+                f" vs {corr}"
+                + (
+                    f"; as a detector, filter correlation reached AUC {_fmt(by.loc['correlation', 'auc'])}."
+                    if "correlation" in by.index
+                    else "."
+                )
+            )
+    return out
+
+
+def build_report(
+    summary: pd.DataFrame | str | os.PathLike[str],
+    figures_dir: str | os.PathLike[str] | None = None,
+    *,
+    figure_prefix: str = "study/",
+    seed: int = 0,
+) -> str:
+    """The generated markdown of the study (tables, figures, verdicts) from a summary CSV."""
+    from xai_sparsity.indicators import score_indicators
+
+    df = summary if isinstance(summary, pd.DataFrame) else read_summary(summary)
+    if "turned" in df.columns:
+        df["turned"] = df["turned"].astype(str).str.lower().isin(["true", "1"])
+    det = detection_runs(df)
+    scores = score_indicators(det, seed=seed) if len(det) else pd.DataFrame()
+    arms = penalty_table(df)
+    pairs = paired_comparison(df)
+    curve = lambda_curve(df)
+    figs = _figures(df, scores, curve, arms, Path(figures_dir)) if figures_dir else {}
+    n_complete = int((df["status"] == "complete").sum()) if "status" in df.columns else len(df)
+    lines = [
+        _GENERATED_BEGIN,
+        "",
+        f"Generated by `xai-sparsity study-report` from the summary CSV ({n_complete} complete "
+        f"runs of {len(df)}; {int(det['turned'].sum())} of the {len(det)} unpenalised runs "
+        "overfit, i.e. their smoothed test loss turned).",
+        "",
+        "### Verdicts",
+        "",
+        *[f"- {v}" for v in _verdicts(scores, pairs, arms, det)],
+        "",
+        "### Runs per group",
+        "",
+        markdown_table(overview_table(df)),
+        "### Indicators as detectors (evaluation half; thresholds from the calibration half)",
+        "",
+    ]
+    if not scores.empty:
+        cols = [
+            "indicator",
+            "threshold",
+            "n_eval",
+            "n_pos_eval",
+            "tp",
+            "fp",
+            "fn",
+            "tn",
+            "precision",
+            "recall",
+            "false_alarm_rate",
+            "auc",
+            "lead_median",
+            "lead_q25",
+            "lead_q75",
+            "early_share",
+        ]
+        lines += [markdown_table(scores[cols]), ""]
+        lines += [
+            "`base_rate` (the precision of a detector that always fires) on the evaluation half: "
+            f"{_fmt(scores['base_rate'].iloc[0])}. `lead` = t_L − firing epoch on the true "
+            "positives; `early_share`: share of them fired at or before t_L.",
+            "",
+        ]
+    for name, title in (
+        ("leads.png", "Lead distribution"),
+        ("precision_recall.png", "Precision and recall"),
+    ):
+        if name in figs:
+            lines += [f"![{title}]({figure_prefix}{name})", ""]
+    lines += ["### The penalty claim: test accuracy per arm (penalty groups)", ""]
+    lines += [markdown_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
+    if "arms.png" in figs:
+        lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
+    lines += ["Paired differences (same cell and seed), penalty arm minus comparator:", ""]
+    lines += [markdown_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
+    lines += ["### The lambda curve", ""]
+    lines += [markdown_table(curve, 4) if not curve.empty else "(no lambda sweep)\n", ""]
+    if "lambda_curve.png" in figs:
+        lines += [f"![Lambda curve]({figure_prefix}lambda_curve.png)", ""]
+    lines.append(_GENERATED_END)
+    return "\n".join(lines) + "\n"
+
+
+def report(
+    summary: str | os.PathLike[str],
+    doc: str | os.PathLike[str] = "docs/science.md",
+    figures_dir: str | os.PathLike[str] | None = "docs/study",
+    *,
+    figure_prefix: str = "study/",
+) -> Path:
+    """Write the generated part of ``doc`` (between the BEGIN/END GENERATED markers; appended if
+    the markers are missing) and the figures into ``figures_dir``."""
+    text = build_report(summary, figures_dir, figure_prefix=figure_prefix)
+    path = Path(doc)
+    old = path.read_text(encoding="utf-8") if path.exists() else "# The study of the claims\n\n"
+    if _GENERATED_BEGIN in old and _GENERATED_END in old:
+        head, _, rest = old.partition(_GENERATED_BEGIN)
+        _, _, tail = rest.partition(_GENERATED_END)
+        new = head + text.rstrip("\n") + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    atomic_write_text(path, new)
+    return path
+
+
+# ---------------------------------------------------------------------------------- command line
+def add_study_arguments(parser: Any) -> None:
+    """Arguments of ``xai-sparsity study``."""
+    parser.add_argument("config", help="study config (TOML), e.g. studies/claims.toml")
+    parser.add_argument("--out", required=True, help="study folder (run directories + summary)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first K runs")
+    parser.add_argument("--only", nargs="*", default=None, help="run ids or groups to run")
+    parser.add_argument("--device", default=None, help="device for every run (cpu, cuda)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def study_command(args: Any) -> int:
+    """``xai-sparsity study``: run a study (or list its runs with ``--dry-run``)."""
+    study = load_study(args.config)
+    if args.dry_run:
+        table = study.table()
+        print(table[["run_id", "groups", "arm", "seed"]].to_string(index=False))
+        print(f"{len(table)} runs")
+        return 0
+    t0 = time.perf_counter()
+    df = run_study(
+        study,
+        args.out,
+        workers=args.workers,
+        limit=args.limit,
+        only=args.only,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{len(df)} runs summarised in {Path(args.out) / SUMMARY_NAME} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return 0
+
+
+def add_report_arguments(parser: Any) -> None:
+    """Arguments of ``xai-sparsity study-report``."""
+    parser.add_argument("summary", help="summary CSV (or the study folder)")
+    parser.add_argument("--doc", default="docs/science.md", help="markdown file to update")
+    parser.add_argument("--figures", default="docs/study", help="folder for the figures")
+    parser.add_argument("--figure-prefix", default="study/", help="figure path prefix in the doc")
+
+
+def report_command(args: Any) -> int:
+    """``xai-sparsity study-report``: regenerate the study section of docs/science.md."""
+    path = report(args.summary, args.doc, args.figures, figure_prefix=args.figure_prefix)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xai_sparsity.study run CONFIG --out DIR`` / ``report SUMMARY``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xai_sparsity.study")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_study_arguments(sub.add_parser("run", help="run a study"))
+    add_report_arguments(sub.add_parser("report", help="write the report"))
+    args = parser.parse_args(argv)
+    try:
+        return study_command(args) if args.command == "run" else report_command(args)
+    except XaiSparsityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+__all__ = [
+    "SUMMARY_NAME",
+    "Study",
+    "StudyRun",
+    "build_report",
+    "default_workers",
+    "expand_study",
+    "lambda_curve",
+    "load_study",
+    "paired_comparison",
+    "penalty_table",
+    "read_summary",
+    "report",
+    "run_study",
+    "summarize_run",
+    "write_summary",
+]
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

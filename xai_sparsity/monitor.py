@@ -210,22 +210,51 @@ def _to_float(v: Any) -> float:
     return float(v)
 
 
+_NONNEGATIVE: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softmax,
+    nn.Softmax2d,
+    nn.Hardsigmoid,
+)
+"""Modules whose output is never negative: the ``abs`` transform is the identity on them."""
+
+
+def _select_layers(model: nn.Module, spec: Any) -> list[str]:
+    """``spec`` as :func:`xai_sparsity.capture.resolve_layers`; ``None`` means the activation
+    modules (as the trainer measures), or conv + activation modules if the model has none."""
+    from xai_sparsity.capture import layer_kind, resolve_layers
+
+    if spec is None:
+        names = [n for n, m in model.named_modules() if n and layer_kind(m) == "activation"]
+        if names:
+            return names
+    return resolve_layers(model, spec)
+
+
 # ----------------------------------------------------------------------------- fused measures
 
 
-def fused_layer_stats(x: Tensor, *, hoyer: bool = True, zeros: bool = True) -> dict[str, Tensor]:
+def fused_layer_stats(
+    x: Tensor, *, nonnegative: bool = False, hoyer: bool = True, zeros: bool = True
+) -> dict[str, Tensor]:
     """All layer-scope measures of one batch, and the channel-scope perplexity, in one sweep.
 
     The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
     ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), computed
-    from four reductions of ``a = |x|`` instead of about twenty: per sample and channel
-    ``S_c = sum a`` and ``T_c = sum a ln a`` (``xlogy``), then ``H = ln S - T / S`` for the layer
+    from a handful of passes over ``a = |x|`` instead of about twenty: per sample and channel
+    ``S_c = sum a`` and ``T_c = sum a ln a``, then ``H = ln S - T / S`` for the layer
     (``S = sum_c S_c``, ``T = sum_c T_c``) and for each channel, the sum of squares for Hoyer and a
-    count of non-zeros. For measurement without gradients only (float32 sums; values of ``a`` up
-    to about 1e30 / N).
+    count of zeros. ``ln`` is taken of ``max(a, tiny)`` (exact zeros contribute ``0 * ln tiny = 0``),
+    which keeps the vectorised logarithm on its fast path (a zero lane sends a whole vector of
+    ``log``/``xlogy`` to a slow path, several times slower on CPUs). For measurement without
+    gradients only (float32 sums; values of ``a`` from about 1e-38 to 1e30 / N).
 
     Args:
         x: activations (B, C, H, W) or any (B, ...) with rank >= 2 and at least 2 units per sample.
+        nonnegative: the caller knows ``x >= 0`` (a ReLU output): skips the ``abs`` copy.
         hoyer, zeros: also compute Hoyer sparsity and the zero fraction.
 
     Returns:
@@ -240,21 +269,31 @@ def fused_layer_stats(x: Tensor, *, hoyer: bool = True, zeros: bool = True) -> d
     with torch.no_grad():
         b = x.shape[0]
         a = x.reshape(b, x.shape[1], -1) if x.dim() >= 3 else x.reshape(b, -1, 1)
-        a = a.float().abs() if a.dtype != torch.float64 else a.abs()
+        work = torch.float64 if a.dtype == torch.float64 else torch.float32
+        if a.dtype != work:
+            a = a.to(work)
+            if not nonnegative:
+                a = a.abs_()
+        elif not nonnegative:
+            a = a.abs()
         c, positions = a.shape[1], a.shape[2]
         n = c * positions
+        flat = a.reshape(b, -1)
         out: dict[str, Tensor] = {}
         if zeros:
-            out["zero_fraction"] = (n - torch.count_nonzero(x.reshape(b, -1), dim=1)).float() / n
+            zero_count = (flat == 0).sum(dim=1, dtype=torch.int32)
+            out["zero_fraction"] = zero_count.to(torch.float32) / n
         s_c = a.sum(dim=2)  # (B, C)
         s = s_c.sum(dim=1)  # (B,)
         if hoyer:
-            sq = torch.linalg.vector_norm(a.reshape(b, -1), dim=1)  # ||a||_2
+            sq = torch.linalg.vecdot(flat, flat, dim=1).sqrt()  # ||a||_2
             root_n = math.sqrt(n)
             ratio = s / torch.where(sq == 0, torch.ones_like(sq), sq)
             h_s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
             out["hoyer"] = torch.where(sq == 0, torch.ones_like(h_s), h_s).float()
-        t_c = a.xlogy_(a).sum(dim=2)  # (B, C), a is a private copy
+        log_a = a.clamp_min(torch.finfo(work).tiny).log_()
+        t_c = torch.linalg.vecdot(a, log_a, dim=2)  # (B, C): sum a ln a
+        del log_a
         t = t_c.sum(dim=1)
         h = _entropy_from_sums(s, t)
         out["perplexity"] = _perplexity_from_entropy(h, n).float()
@@ -441,10 +480,10 @@ class SparsityMonitor:
         self.probe, self.probe_labels = _materialize_probe(probe)
         self._probe_cache: tuple[torch.device, torch.dtype | None, Tensor] | None = None
 
-        from xai_sparsity.capture import resolve_layers
-
         self._layer_spec = layers
-        self._selected = resolve_layers(self._root, layers)
+        self._selected = _select_layers(self._root, layers)
+        modules = dict(self._root.named_modules())
+        self._nonnegative = {n for n in self._selected if isinstance(modules[n], _NONNEGATIVE)}
         # one forward on two probe samples: checks the probe's shape, finds per-call names
         self.layers: list[str] = self._discover()
         self._reused = {n.split("#", 1)[0] for n in self.layers if "#" in n}
@@ -666,7 +705,7 @@ class SparsityMonitor:
             acc = accs.get(name)
             if acc is None:
                 acc = accs[name] = _LayerAccumulator(arrays, self.correlation, self.spatial_images)
-            self._reduce(acc, out, offset[0])
+            self._reduce(name, acc, out, offset[0])
 
         t0 = time.perf_counter()
         with (
@@ -685,7 +724,7 @@ class SparsityMonitor:
         self.timings.append(time.perf_counter() - t0)
         return result
 
-    def _reduce(self, acc: _LayerAccumulator, out: Tensor, offset: int) -> None:
+    def _reduce(self, name: str, acc: _LayerAccumulator, out: Tensor, offset: int) -> None:
         if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
             return
         if out[0].numel() < 2:  # a single unit per sample has no sparsity
@@ -693,7 +732,10 @@ class SparsityMonitor:
         x = out.detach()
         acc.count += x.shape[0]
         stats = fused_layer_stats(
-            x, hoyer="hoyer" in self.measures, zeros="zero_fraction" in self.measures
+            x,
+            nonnegative=name.partition("#")[0] in self._nonnegative,
+            hoyer="hoyer" in self.measures,
+            zeros="zero_fraction" in self.measures,
         )
         acc.layer_values.append(stats["perplexity"])
         for m in self.measures:

@@ -49,6 +49,10 @@ _EXPORTS: dict[str, str] = {
     "analyze": "analysis",
     "EarlyWarning": "analysis",
     "Analysis": "analysis",
+    # the study of the claims
+    "run_study": "study",
+    "load_study": "study",
+    "score_indicators": "indicators",
     "SparsityMonitor": "monitor",
     # figures and attributions
     "plot_loss_and_sparsity": "figures",
@@ -115,6 +119,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         plot_spatial_maps,
         save_figure,
     )
+    from xai_sparsity.indicators import score_indicators
     from xai_sparsity.measures import (
         MEASURES,
         compute_measure,
@@ -126,5 +131,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from xai_sparsity.monitor import SparsityMonitor
     from xai_sparsity.rundir import RunDir, load_history
+    from xai_sparsity.study import load_study, run_study
     from xai_sparsity.sweep import SweepResult, sweep
     from xai_sparsity.widgets import EpochScrubber, LayerExplorer, RunComparison, TrainingMonitor

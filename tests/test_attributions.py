@@ -172,3 +172,44 @@ def test_plot_attributions(maps: dict[str, torch.Tensor], images: torch.Tensor) 
     # an all-zero map is drawn as zeros, never NaN
     zero = plot_attributions(images[:1], torch.zeros(1, 16, 16), overlay=False)
     assert torch.isfinite(torch.as_tensor(zero.axes[1].get_images()[0].get_array())).all()
+
+
+def test_gradcam_matches_its_definition(model: nn.Sequential, images: torch.Tensor) -> None:
+    """relu(sum_c mean_hw(dy/dA_c) A_c), bilinearly upsampled, on the last conv's output."""
+    import torch.nn.functional as F
+
+    targets = torch.tensor([4, 3, 2, 1, 0, 4])
+    got = attribute(model, images, targets, method="gradcam")
+    model.eval()
+    model[7].inplace = False  # else the next ReLU overwrites the captured conv output
+    acts: list[torch.Tensor] = []
+    handle = model[6].register_forward_hook(lambda m, i, o: acts.append(o))
+    try:
+        y = model(images).gather(1, targets[:, None]).sum()
+    finally:
+        handle.remove()
+        model[7].inplace = True
+    (grad,) = torch.autograd.grad(y, acts[0])
+    cam = F.relu((grad.mean((2, 3), keepdim=True) * acts[0]).sum(1, keepdim=True))
+    expected = F.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(got, expected.detach())
+
+
+def test_no_hooks_left_behind(images: torch.Tensor) -> None:
+    net = small_cnn()
+    for method in METHODS:
+        attribute(net, images[:2], method=method, **FAST.get(method, {}))
+    with pytest.raises(XaiSparsityError):
+        attribute(net, images[:2], method="gradcam", layer="10")  # fails after Captum ran
+    for m in net.modules():
+        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), m
+        assert not getattr(m, "_backward_pre_hooks", None), m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_cpu_images(images: torch.Tensor) -> None:
+    net = small_cnn().cuda()
+    for method in METHODS:
+        a = attribute(net, images, method=method, **FAST.get(method, {}))
+        assert a.device == images.device and a.shape == (6, 16, 16)
+        assert torch.isfinite(a).all()

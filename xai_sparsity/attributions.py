@@ -153,7 +153,8 @@ def attribute(
         targets: class per image (int, sequence or (B,) tensor); None: the predicted class.
         method: one of :data:`METHODS`.
         layer: the layer of ``"gradcam"`` (name or module; default the last ``nn.Conv2d``);
-            ignored by the pixel methods.
+            ignored by the pixel methods. For a module called several times per forward
+            (torchvision ResNet's ``relu`` in each block) Captum uses its last call.
         batch_size: images per Captum call; the result does not depend on it.
         baselines: reference input of integrated gradients and occlusion (default zeros): a
             number, (C, H, W) or (B, C, H, W).

@@ -264,3 +264,12 @@ def test_report_writes_tables_figures_and_keeps_the_prose(tmp_path: Path) -> Non
     for name in ("leads.png", "precision_recall.png", "arms.png", "lambda_curve.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 1000
     assert build_report(df) == build_report(df)  # deterministic
+
+
+def test_dry_run_lists_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xai_sparsity.study import main
+
+    assert main(["run", str(CLAIMS), "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(load_study(CLAIMS))} runs" in out and "penalty-auto@0.3" in out
+    assert main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2

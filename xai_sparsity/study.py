@@ -854,7 +854,9 @@ def _figures(
             leads(det, str(name), float(t))
             for name, t in zip(scores["indicator"], scores["threshold"], strict=True)
         ]
-        ax.boxplot(data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True)
+        ax.boxplot(
+            data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True
+        )
         ax.axvline(0, color="k", lw=0.8, ls="--")
         ax.set_xlabel("lead = t_L − firing epoch (epochs; > 0: fired before the turn)")
         ax.set_title("Lead on overfitting runs (all detection runs, calibrated threshold)")
@@ -934,6 +936,50 @@ def _figures(
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=7)
         save(fig, "arms.png")
+    return made
+
+
+def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[str, str]:
+    """Figures 1 and 6 of the library (``xai_sparsity.figures``) for example runs of the study:
+    one overfitting baseline, one negative control, and the regularisers of the penalty group."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from xai_sparsity.figures import plot_loss_and_sparsity, plot_regulariser_comparison
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    df = detection_runs(summary)
+    df = df[[(runs_dir / str(r) / "history.csv").exists() for r in df["run_id"]]]
+
+    def save(fig: Any, name: str) -> None:
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=70, bbox_inches="tight")
+        os.replace(tmp, folder / name)
+        plt.close(fig)
+        made[name] = name
+
+    examples = {
+        "example_overfit.png": df[df["turned"] & (df["arm"] == "baseline")],
+        "example_control.png": df[~df["turned"] & (df["arm"] != "baseline")],
+    }
+    for name, sel in examples.items():
+        if len(sel):
+            save(plot_loss_and_sparsity(runs_dir / str(sel["run_id"].iloc[0])), name)
+    pen = _role(summary, "penalty")
+    if len(pen):
+        seed = int(pen["seed"].min())
+        first = pen[pen["seed"] == seed]
+        wanted = [a for a in first["arm"] if a in ("baseline", "dropout", "batchnorm")]
+        wanted += [a for a in first["arm"] if str(a).startswith("penalty")][:2]
+        runs = {
+            str(a): runs_dir / str(first.loc[first["arm"] == a, "run_id"].iloc[0]) for a in wanted
+        }
+        runs = {a: p for a, p in runs.items() if (p / "history.csv").exists()}
+        if len(runs) >= 2:
+            save(plot_regulariser_comparison(runs), "regularisers.png")
     return made
 
 
@@ -1033,8 +1079,12 @@ def build_report(
     *,
     figure_prefix: str = "study/",
     seed: int = 0,
+    runs_dir: str | os.PathLike[str] | None = None,
 ) -> str:
-    """The generated markdown of the study (tables, figures, verdicts) from a summary CSV."""
+    """The generated markdown of the study (tables, figures, verdicts) from a summary CSV.
+
+    ``runs_dir`` (the study folder with the run directories) adds figures 1 and 6 of
+    :mod:`xai_sparsity.figures` for example runs."""
     from xai_sparsity.indicators import score_indicators
 
     df = summary if isinstance(summary, pd.DataFrame) else read_summary(summary)
@@ -1046,6 +1096,8 @@ def build_report(
     pairs = paired_comparison(df)
     curve = lambda_curve(df)
     figs = _figures(df, scores, curve, arms, Path(figures_dir)) if figures_dir else {}
+    if figures_dir and runs_dir is not None:
+        figs.update(_run_figures(df, Path(runs_dir), Path(figures_dir)))
     n_complete = int((df["status"] == "complete").sum()) if "status" in df.columns else len(df)
     lines = [
         _GENERATED_BEGIN,
@@ -1061,6 +1113,21 @@ def build_report(
         "### Runs per group",
         "",
         markdown_table(overview_table(df)),
+        *(
+            [
+                "An overfitting run and a negative control (figure 1 of the library: losses, "
+                "per-layer sparsity, t_L and each layer's rise onset t_s):",
+                "",
+                *[
+                    f"![{n}]({figure_prefix}{n})"
+                    for n in ("example_overfit.png", "example_control.png")
+                    if n in figs
+                ],
+                "",
+            ]
+            if "example_overfit.png" in figs or "example_control.png" in figs
+            else []
+        ),
         "### Indicators as detectors (evaluation half; thresholds from the calibration half)",
         "",
     ]
@@ -1100,6 +1167,8 @@ def build_report(
     lines += [markdown_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
     if "arms.png" in figs:
         lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
+    if "regularisers.png" in figs:
+        lines += [f"![Regulariser comparison, seed 0]({figure_prefix}regularisers.png)", ""]
     lines += ["Paired differences (same cell and seed), penalty arm minus comparator:", ""]
     lines += [markdown_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
     lines += ["### The lambda curve", ""]
@@ -1116,10 +1185,11 @@ def report(
     figures_dir: str | os.PathLike[str] | None = "docs/study",
     *,
     figure_prefix: str = "study/",
+    runs_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the generated part of ``doc`` (between the BEGIN/END GENERATED markers; appended if
     the markers are missing) and the figures into ``figures_dir``."""
-    text = build_report(summary, figures_dir, figure_prefix=figure_prefix)
+    text = build_report(summary, figures_dir, figure_prefix=figure_prefix, runs_dir=runs_dir)
     path = Path(doc)
     old = path.read_text(encoding="utf-8") if path.exists() else "# The study of the claims\n\n"
     if _GENERATED_BEGIN in old and _GENERATED_END in old:
@@ -1176,11 +1246,21 @@ def add_report_arguments(parser: Any) -> None:
     parser.add_argument("--doc", default="docs/science.md", help="markdown file to update")
     parser.add_argument("--figures", default="docs/study", help="folder for the figures")
     parser.add_argument("--figure-prefix", default="study/", help="figure path prefix in the doc")
+    parser.add_argument(
+        "--runs", default=None, help="study folder with the run directories (example figures)"
+    )
 
 
 def report_command(args: Any) -> int:
     """``xai-sparsity study-report``: regenerate the study section of docs/science.md."""
-    path = report(args.summary, args.doc, args.figures, figure_prefix=args.figure_prefix)
+    runs = args.runs
+    if runs is None and Path(args.summary).is_dir():
+        runs = args.summary
+    elif runs is None and (Path(args.summary).parent / "study.json").exists():
+        runs = str(Path(args.summary).parent)
+    path = report(
+        args.summary, args.doc, args.figures, figure_prefix=args.figure_prefix, runs_dir=runs
+    )
     print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,1335 @@
+"""The trainer: one run ("arm") or an experiment of arms, every epoch recorded in a run directory.
+
+:func:`train` trains one model and writes the run-directory format of docs/architecture.md
+(``config.json``, ``history.csv``, ``arrays/epoch_NNNN.npz``, ``probe.npz``, checkpoints,
+``summary.json``). Per epoch it records the training and test loss and accuracy, and on the
+fixed held-out probe set, per measured layer: perplexity sparsity (mean and std), zero fraction,
+Hoyer and entropy sparsity, filter correlation (mean |r|), dead channels, lifetime sparsity, and
+the same perplexity sparsity on a fixed subset of training inputs (``train_sparsity``). Every
+``array_every`` epochs and at the last epoch it saves per-channel and per-sample sparsity,
+spatial sparsity maps of ``spatial_images`` fixed probe images, correlation matrices and
+lifetime sparsity.
+
+A killed run resumes from ``checkpoints/last.pt`` (model, optimiser, epoch, every RNG state and
+the data-order generator) and, on the CPU, ends with the identical history.
+
+:func:`run_experiment` trains several arms with the same seed, data order and schedule:
+``"baseline"``, ``"penalty"`` (``"penalty@0.1"`` sets lambda), ``"dropout"`` (``"dropout@0.3"``),
+``"batchnorm"``, and combinations such as ``"penalty+batchnorm"``.
+
+Distributed: under ``torchrun --nproc_per_node=N`` the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU). Each global batch of the single-process data
+order is split between the ranks and the losses are scaled so that the averaged gradient equals
+the single-process one; test evaluation is sharded and summed; probe statistics are computed on
+rank 0, which alone writes files (the ranks meet at barriers). Batch-norm statistics and dropout
+masks are per rank, so such runs match a single-process run only approximately.
+
+>>> import tempfile
+>>> cfg = TrainConfig(epochs=1, train_size=50, test_size=50, probe_size=20, widths=[4, 4],
+...                   hidden=8, array_every=1)
+>>> run = train(cfg, tempfile.mkdtemp(), progress=False)
+>>> list(run.history().columns[:5])
+['epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+import types
+import typing
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xai_sparsity._errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.rundir import RunDir
+
+__all__ = [
+    "ARM_COMPONENTS",
+    "DEFAULT_LAMBDA",
+    "StopTraining",
+    "TrainConfig",
+    "arm_config",
+    "run_experiment",
+    "train",
+]
+
+DEFAULT_LAMBDA = 0.3
+"""Penalty strength of a ``"penalty"`` arm when neither the arm nor the config sets one."""
+DEFAULT_DROPOUT = 0.5
+"""Dropout rate of a ``"dropout"`` arm when neither the arm nor the config sets one."""
+ARM_COMPONENTS = ("baseline", "penalty", "dropout", "batchnorm")
+
+_MEASURE_COLUMN = {
+    "perplexity": "sparsity",
+    "zero_fraction": "zero_fraction",
+    "hoyer": "hoyer",
+    "entropy": "entropy",
+}
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end a run cleanly after the current epoch."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Round-trips through JSON (``to_dict`` / ``from_dict``) and TOML.
+
+    Data: ``data`` (see :data:`xai_sparsity.data.DATASETS`), ``data_root``, ``train_size``,
+    ``test_size``, ``probe_size``, ``augment``, ``download``.
+    Model: ``model`` ("cnn", "resnet18", "vgg11"), ``widths``, ``hidden``, ``dropout``,
+    ``batch_norm``.
+    Optimisation: ``epochs``, ``batch_size``, ``optimizer`` ("sgd", "adam", "adamw"), ``lr``,
+    ``momentum``, ``weight_decay``, ``schedule`` ("constant", "cosine", "step"), ``step_size``,
+    ``gamma``.
+    Penalty: ``penalty_lambda`` (0: none), ``penalty_layers`` (names or glob patterns; ``None``:
+    the activation layers after convolutions; ``"auto"``: layers whose sparsity rose before t_L
+    in ``penalty_baseline``, a baseline run directory), ``penalty_weights``, ``penalty_scope``,
+    ``penalty_variant``, ``penalty_transform``.
+    Measurement: ``measure_layers`` (``None``: every activation module, i.e. the activation after
+    each conv and the hidden dense layer), ``array_every``, ``spatial_images``, ``correlation``,
+    ``eval_batch_size``.
+    Runtime: ``seed``, ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"), ``amp`` (mixed
+    precision on CUDA), ``deterministic``, ``num_workers``, ``arm`` (a label).
+    """
+
+    data: str = "mnist5k"
+    data_root: str | None = None
+    train_size: int | None = 500
+    test_size: int | None = None
+    probe_size: int = 500
+    augment: bool = False
+    download: bool = False
+
+    model: str = "cnn"
+    widths: list[int] = field(default_factory=lambda: [16, 16, 32, 32])
+    hidden: int = 128
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+    epochs: int = 60
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_size: int = 30
+    gamma: float = 0.1
+
+    penalty_lambda: float = 0.0
+    penalty_layers: str | list[str] | None = None
+    penalty_weights: dict[str, float] | None = None
+    penalty_scope: str = "layer"
+    penalty_variant: str = "normalized"
+    penalty_transform: str = "abs"
+    penalty_baseline: str | None = None
+
+    measure_layers: str | list[str] | None = None
+    array_every: int = 5
+    spatial_images: int = 8
+    correlation: bool = True
+    eval_batch_size: int = 500
+
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    deterministic: bool = True
+    num_workers: int = 0
+    arm: str = "run"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --------------------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise :class:`XaiSparsityError` naming the field and the value."""
+        from xai_sparsity.data import DATASETS
+        from xai_sparsity.models import MODELS
+
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        check_choice("data", self.data, DATASETS)
+        check_choice("model", self.model, MODELS)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        check_choice("schedule", self.schedule, ("constant", "cosine", "step"))
+        check_choice("penalty_scope", self.penalty_scope, ("layer", "channel", "spatial"))
+        check_choice("penalty_variant", self.penalty_variant, ("normalized", "relative"))
+        check_choice("penalty_transform", self.penalty_transform, ("abs", "relu"))
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("probe_size", self.probe_size)
+        _positive("array_every", self.array_every)
+        _positive("eval_batch_size", self.eval_batch_size)
+        _positive("step_size", self.step_size)
+        _positive("hidden", self.hidden)
+        for name in ("train_size", "test_size"):
+            v = getattr(self, name)
+            if v is not None:
+                _positive(name, v)
+        if self.spatial_images < 0:
+            raise XaiSparsityError(f"spatial_images={self.spatial_images!r} must be >= 0")
+        if self.num_workers < 0:
+            raise XaiSparsityError(f"num_workers={self.num_workers!r} must be >= 0")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise XaiSparsityError(
+                f"widths={self.widths!r} must be a non-empty list of positive ints"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise XaiSparsityError(f"lr={self.lr!r} must be a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise XaiSparsityError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not (self.penalty_lambda >= 0 and math.isfinite(self.penalty_lambda)):
+            raise XaiSparsityError(
+                f"penalty_lambda={self.penalty_lambda!r} must be a finite number >= 0"
+            )
+        for name in ("momentum", "weight_decay", "gamma"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise XaiSparsityError(f"{name}={v!r} must be a finite number >= 0")
+        if self.penalty_layers == "auto" and self.penalty_lambda > 0 and not self.penalty_baseline:
+            raise XaiSparsityError(
+                "penalty_layers='auto' needs penalty_baseline=RUN_DIR (a finished baseline run); "
+                "run_experiment fills it in from its 'baseline' arm"
+            )
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
+            raise XaiSparsityError(
+                f"device={dev!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+            )
+        return self
+
+    # -- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build a config; unknown keys raise with the closest valid keys."""
+        if not isinstance(values, Mapping):
+            raise XaiSparsityError(f"a config must be a mapping of settings, got {values!r:.80}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            hints = "; ".join(f"{k!r}: did you mean {closest(k, valid, n=3)}?" for k in unknown)
+            raise XaiSparsityError(
+                f"unknown config key(s) {unknown} ({hints}). Valid keys: {', '.join(valid)}"
+            )
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            from xai_sparsity.rundir import atomic_write_text
+
+            atomic_write_text(path, text + "\n")
+        return text
+
+    def to_toml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """TOML text of the settings (``None`` values are left out: TOML has no null)."""
+        lines = []
+        tables = []
+        for k, v in self.to_dict().items():
+            if v is None:
+                continue
+            if isinstance(v, dict):
+                body = "\n".join(f"{json.dumps(kk)} = {_toml_value(vv)}" for kk, vv in v.items())
+                tables.append(f"[{k}]\n{body}")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        text = "\n".join(lines + tables) + "\n"
+        if path is not None:
+            from xai_sparsity.rundir import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """Read a ``.json`` or ``.toml`` config file."""
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON or TOML file into a dict, with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise XaiSparsityError(f"config file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError as err:
+                raise XaiSparsityError(
+                    "reading TOML on Python 3.10 needs the tomli package (pip install tomli)"
+                ) from err
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise XaiSparsityError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    elif p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise XaiSparsityError(f"config file {str(p)!r} is not valid JSON: {err}") from None
+    else:
+        raise XaiSparsityError(
+            f"config file {str(p)!r} must end in .json or .toml (got {p.suffix!r})"
+        )
+    if not isinstance(data, dict):
+        raise XaiSparsityError(f"config file {str(p)!r} must hold a table/object of settings")
+    return data
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise XaiSparsityError(f"cannot write {v!r} as TOML")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise XaiSparsityError(f"{name}={value!r} must be a positive integer")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; accept ints for floats and tuples for lists."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(name, value, opt)
+            except XaiSparsityError as err:
+                errors.append(str(err))
+        allowed = " or ".join(_type_name(o) for o in options)
+        raise XaiSparsityError(f"{name}={value!r} must be {allowed}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise XaiSparsityError(f"{name}={value!r} must be a list of {_type_name(item)}")
+        return [_coerce(name, v, item) for v in value]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise XaiSparsityError(f"{name}={value!r} must be a mapping")
+        return {_coerce(name, k, k_tp): _coerce(name, v, v_tp) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise XaiSparsityError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise XaiSparsityError(f"{name}={value!r} must be an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise XaiSparsityError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise XaiSparsityError(f"{name}={value!r} must be a string")
+        return value
+    raise XaiSparsityError(f"{name}: unsupported setting type {tp!r}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# Arms
+
+
+def arm_config(config: TrainConfig, arm: str) -> TrainConfig:
+    """The config of one arm: regularisers off, then the arm's components switched on.
+
+    ``arm`` is ``"baseline"`` or components joined by ``"+"``: ``"penalty"`` / ``"penalty@LAM"``,
+    ``"dropout"`` / ``"dropout@P"``, ``"batchnorm"``. Strengths not given in the arm come from
+    ``config`` (when non-zero) or default to :data:`DEFAULT_LAMBDA` / :data:`DEFAULT_DROPOUT`.
+
+    >>> arm_config(TrainConfig(), "penalty@0.1+batchnorm").penalty_lambda
+    0.1
+    """
+    if not isinstance(arm, str) or not arm.strip():
+        raise XaiSparsityError(f"arm={arm!r} must be a non-empty string")
+    changes: dict[str, Any] = {"dropout": 0.0, "batch_norm": False, "penalty_lambda": 0.0}
+    parts = [p.strip() for p in arm.split("+")]
+    for part in parts:
+        head, _, value = part.partition("@")
+        check_choice("arm component", head, ARM_COMPONENTS)
+        number: float | None = None
+        if value:
+            try:
+                number = float(value)
+            except ValueError:
+                raise XaiSparsityError(
+                    f"arm {arm!r}: {value!r} after '@' must be a number (e.g. 'penalty@0.3')"
+                ) from None
+        if head == "baseline":
+            if len(parts) > 1 or value:
+                raise XaiSparsityError(f"arm {arm!r}: 'baseline' cannot be combined")
+        elif head == "penalty":
+            lam = number if number is not None else (config.penalty_lambda or DEFAULT_LAMBDA)
+            changes["penalty_lambda"] = lam
+        elif head == "dropout":
+            changes["dropout"] = (
+                number if number is not None else (config.dropout or DEFAULT_DROPOUT)
+            )
+        else:
+            if value:
+                raise XaiSparsityError(f"arm {arm!r}: 'batchnorm' takes no value")
+            changes["batch_norm"] = True
+    changes["arm"] = arm
+    return config.replace(**changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime helpers
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world <= 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def resolve_device(name: str = "auto", rank: int = 0, world: int = 1) -> torch.device:
+    """``"auto"``: CUDA (the local rank's GPU under torchrun), else MPS, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0))
+            return torch.device("cuda", local % torch.cuda.device_count())
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise XaiSparsityError(f"device={name!r} but CUDA is not available; use device='auto'")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise XaiSparsityError("device='mps' but MPS is not available; use device='auto'")
+    return torch.device(name)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state(legacy=True)  # noqa: NPY002 - users' global RNG
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _py_state_to_list(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _py_state_to_list(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [int(version), [int(v) for v in internal], gauss]
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def _set_determinism(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _stack(dataset: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Materialise a (small) dataset as tensors (N, C, H, W) and (N,)."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        x, y = tensors[0], tensors[1]
+        return (x[:limit], y[:limit]) if limit is not None else (x, y)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    xs, ys = [], []
+    for i in range(n):
+        x, y = dataset[i]
+        xs.append(torch.as_tensor(x))
+        ys.append(torch.as_tensor(y))
+    return torch.stack(xs), torch.stack(ys).long()
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 1-based ``epoch``."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** ((epoch - 1) // cfg.step_size)
+    return cfg.lr
+
+
+def _make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _measured_layer_spec(cfg: TrainConfig) -> Any:
+    if cfg.measure_layers is not None:
+        return cfg.measure_layers
+    from xai_sparsity.capture import layer_kind
+
+    def is_activation(name: str, module: nn.Module) -> bool:
+        return layer_kind(module) == "activation"
+
+    is_activation.__name__ = "activation layers"
+    return is_activation
+
+
+def default_penalty_layers(model: nn.Module, example: Tensor) -> list[str]:
+    """The activation modules that follow a convolution (their output has spatial dims)."""
+    from xai_sparsity.capture import list_layers
+
+    table = list_layers(model, example)
+    names = [r.name for r in table if r.kind == "activation" and len(r.output_shape) >= 2]
+    if not names:
+        raise XaiSparsityError(
+            "the model has no activation module with a spatial output to penalise by default; "
+            "set penalty_layers to layer names"
+        )
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Probe statistics
+
+
+class _ProbeReducer:
+    """Per-layer probe statistics, computed inside a capture's ``reduce_fn`` in a few passes.
+
+    The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
+    ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), from
+    shared reductions of ``a = |x|`` (per sample and channel ``S_c = sum a`` and
+    ``T_c = sum a ln a``; ``H = ln S - T / S``), instead of separate passes per measure.
+    """
+
+    def __init__(self, *, full: bool, channel: bool, correlation: bool) -> None:
+        self.full = full
+        self.channel = channel
+        self.correlation = correlation
+        self.values: dict[str, dict[str, list[Tensor]]] = {}
+        self.corr: dict[str, Any] = {}
+
+    def _add(self, name: str, key: str, value: Tensor) -> None:
+        self.values.setdefault(name, {}).setdefault(key, []).append(value.detach().cpu())
+
+    def __call__(self, name: str, out: Tensor) -> None:
+        with torch.no_grad():
+            x = out.detach()
+            if x.dim() < 2:
+                return
+            b = x.shape[0]
+            a = x.reshape(b, x.shape[1], -1) if x.dim() >= 3 else x.reshape(b, -1, 1)
+            a = a.double().abs() if a.dtype == torch.float64 else a.float().abs()
+            c, positions = a.shape[1], a.shape[2]
+            n = c * positions
+            if n < 2:
+                return
+            s_c = a.sum(dim=2)  # (B, C)
+            s = s_c.sum(dim=1)
+            if self.full:
+                nonzero = torch.sign(a).sum(dim=(1, 2))  # a >= 0: counts the non-zeros
+                self._add(name, "zero_fraction", (n - nonzero.double()) / n)
+                l2 = torch.linalg.vector_norm(a.reshape(b, -1), dim=1)
+                dead2 = l2 == 0
+                ratio = s / torch.where(dead2, torch.ones_like(l2), l2)
+                root_n = math.sqrt(n)
+                hoyer = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
+                self._add(name, "hoyer", torch.where(dead2, torch.ones_like(hoyer), hoyer))
+                self._add(name, "pooled", s_c / positions)  # (B, C) mean |a| per channel
+            t_c = a.xlogy_(a).sum(dim=2)  # sum a ln a per channel, 0 ln 0 = 0; a is our copy
+            h = _entropy_from_sums(s, t_c.sum(dim=1))
+            self._add(name, "perplexity", _normalized_from_entropy(h, n))
+            if self.full:
+                self._add(name, "entropy", (1.0 - h / math.log(n)).clamp(0.0, 1.0))
+            if self.channel and x.dim() >= 3 and positions >= 2:
+                hc = _entropy_from_sums(s_c, t_c)
+                self._add(name, "channel", _normalized_from_entropy(hc, positions))
+            if self.correlation:
+                from xai_sparsity.correlation import CorrelationAccumulator
+
+                acc = self.corr.get(name)
+                if acc is None:
+                    acc = self.corr[name] = CorrelationAccumulator(over="positions")
+                acc.update(x)
+
+    def results(self) -> dict[str, dict[str, Tensor]]:
+        """Layer -> measure -> values concatenated over batches; reused modules get ``#k``."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, per in self.values.items():
+            key = f"{name}#0" if f"{name}#1" in self.values else name
+            out[key] = {k: torch.cat(v) for k, v in per.items()}
+        return out
+
+    def correlation_of(self, key: str) -> Any:
+        if key in self.corr:
+            return self.corr[key]
+        if key.endswith("#0"):
+            return self.corr.get(key[:-2])
+        return None
+
+
+def _entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
+    """H = ln S - T / S with T = sum a ln a; 0 for an all-zero map (S = 0). In float64."""
+    s, t = s.double(), t.double()
+    dead = s <= 0
+    safe = torch.where(dead, torch.ones_like(s), s)
+    h = (torch.log(safe) - t / safe).clamp_min(0.0)
+    return torch.where(dead, torch.zeros_like(h), h)
+
+
+def _normalized_from_entropy(h: Tensor, n: int) -> Tensor:
+    """(N - exp(H)) / (N - 1), clamped to [0, 1]."""
+    return ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0)
+
+
+def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
+    for i in range(0, x.shape[0], size):
+        yield x[i : i + size]
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def probe_statistics(
+    model: nn.Module,
+    probe_x: Tensor,
+    layers: Any,
+    *,
+    train_probe_x: Tensor | None = None,
+    arrays: bool = False,
+    spatial_images: int = 8,
+    correlation: bool = True,
+    batch_size: int = 500,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Sparsity summaries of ``layers`` on a fixed probe set (eval mode, no grad).
+
+    Args:
+        model: the model (not changed: train/eval flags are restored).
+        probe_x: (P, C, H, W) probe inputs on the model's device.
+        layers: a layer spec for :func:`xai_sparsity.capture.capture`.
+        train_probe_x: fixed training inputs for the ``train_sparsity:`` columns.
+        arrays: also return the npz arrays (channel, layer, spatial, correlation, lifetime).
+        spatial_images: K, the number of probe images whose spatial maps are kept.
+        correlation: accumulate filter correlation (``correlation:`` and ``dead:`` columns).
+
+    Returns:
+        ``(columns, arrays)``: history columns ``<prefix>:<layer>`` (see docs/architecture.md)
+        and npz arrays ``layer:``, ``channel:``, ``spatial:``, ``correlation:``, ``lifetime:``.
+    """
+    from xai_sparsity.capture import capture
+    from xai_sparsity.measures import lifetime_sparsity
+
+    reducer = _ProbeReducer(full=True, channel=arrays, correlation=correlation)
+    cols: dict[str, float] = {}
+    out_arrays: dict[str, np.ndarray] = {}
+    with _eval(model):
+        with capture(model, layers, mode="reduce", measures=(), reduce_fn=reducer):
+            for xb in _batches(probe_x, batch_size):
+                model(xb)
+        train_stats: dict[str, dict[str, Tensor]] = {}
+        if train_probe_x is not None and len(train_probe_x):
+            train_reducer = _ProbeReducer(full=False, channel=False, correlation=False)
+            with capture(model, layers, mode="reduce", measures=(), reduce_fn=train_reducer):
+                for xb in _batches(train_probe_x, batch_size):
+                    model(xb)
+            train_stats = train_reducer.results()
+        spatial: dict[str, Tensor] = {}
+        if arrays and spatial_images > 0:
+            with capture(
+                model, layers, mode="reduce", measures=("perplexity",), scopes=("spatial",)
+            ) as cap:
+                model(probe_x[:spatial_images])
+            for k in cap.stats:
+                per_k = cap.stats[k]
+                if "perplexity:spatial" in per_k:
+                    spatial[k] = per_k["perplexity:spatial"]
+    for name, per in reducer.results().items():
+        layer_s = per["perplexity"]
+        cols[f"sparsity:{name}"] = float(layer_s.mean())
+        cols[f"sparsity_std:{name}"] = float(layer_s.std(unbiased=False))
+        for m in ("zero_fraction", "hoyer", "entropy"):
+            cols[f"{_MEASURE_COLUMN[m]}:{name}"] = float(per[m].mean())
+        if name in train_stats:
+            cols[f"train_sparsity:{name}"] = float(train_stats[name]["perplexity"].mean())
+        acc = reducer.correlation_of(name)
+        if acc is not None:
+            cols[f"correlation:{name}"] = float(acc.mean_abs())
+            cols[f"dead:{name}"] = int(acc.num_dead)
+        pooled = per["pooled"]
+        lifetime = None
+        if pooled.shape[0] >= 2:
+            lifetime = lifetime_sparsity(pooled, check_finite=False)
+            cols[f"lifetime:{name}"] = float(lifetime.double().mean())
+        if arrays:
+            out_arrays[f"layer:{name}"] = layer_s.float().numpy()
+            if "channel" in per:
+                out_arrays[f"channel:{name}"] = per["channel"].mean(dim=0).float().numpy()
+            if name in spatial:
+                out_arrays[f"spatial:{name}"] = spatial[name].float().cpu().numpy()
+            if acc is not None:
+                out_arrays[f"correlation:{name}"] = acc.correlation().float().cpu().numpy()
+            if lifetime is not None:
+                out_arrays[f"lifetime:{name}"] = lifetime.float().cpu().numpy()
+    return cols, out_arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    amp: Any,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on (x, y), sharded over ranks and summed."""
+    loss_sum, correct = 0.0, 0.0
+    xs, ys = x[rank::world], y[rank::world]
+    with _eval(model):
+        for xb, yb in zip(_batches(xs, batch_size), _batches(ys, batch_size), strict=True):
+            with amp():
+                logits = model(xb)
+            loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+            correct += float((logits.argmax(dim=1) == yb).sum())
+    loss_sum, correct = _all_sum([loss_sum, correct], world, device)
+    n = int(x.shape[0])
+    return loss_sum / n, correct / n
+
+
+def _epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, rank: int, world: int
+) -> list[list[int]]:
+    """This rank's share of each global batch of one epoch's shuffled order."""
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = []
+    for i in range(0, n, batch_size):
+        batch = order[i : i + batch_size]
+        batches.append(batch[rank::world])
+    return batches
+
+
+def _same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    skip = {"arm"}
+    return {k: v for k, v in a.items() if k not in skip} == {
+        k: v for k, v in b.items() if k not in skip
+    }
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
+    model: nn.Module | None = None,
+    data: Any = None,
+    overwrite: bool = False,
+) -> RunDir:
+    """Train one run and record every epoch in the run directory ``out``.
+
+    A complete run with the same settings is returned as it is; an interrupted one resumes from
+    ``checkpoints/last.pt``. A directory holding a run with other settings is an error unless
+    ``overwrite=True`` (which deletes that run's files).
+
+    Args:
+        config: a :class:`TrainConfig` or a dict of its fields.
+        out: the run directory.
+        progress: show a tqdm progress bar over epochs (rank 0).
+        callbacks: ``callback(row)`` called with each epoch's history row (a dict) after it is
+            written; e.g. :class:`xai_sparsity.analysis.EarlyWarning`. A callback may raise
+            :class:`StopTraining` to end the run after that epoch.
+        model: any ``nn.Module`` to train instead of ``make_model(config...)``; it is not
+            re-created on resume, so pass a freshly built one (same seed) when resuming.
+        data: a :class:`xai_sparsity.data.DataBundle` instead of ``load_data(config...)``.
+        overwrite: replace a different run already in ``out``.
+
+    Returns:
+        The :class:`~xai_sparsity.rundir.RunDir`.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg.validate()
+    rank, world = _dist()
+    device = resolve_device(cfg.device, rank, world)
+    _set_determinism(cfg.deterministic)
+    run = _prepare_run_dir(cfg, Path(out), rank, world, overwrite=overwrite)
+    if run.is_complete:
+        return run
+    t_start = time.perf_counter()
+
+    from xai_sparsity.data import load_data
+    from xai_sparsity.models import make_model
+    from xai_sparsity.penalty import SparsityPenalty, auto_targets
+
+    if data is None:
+        data = load_data(
+            cfg.data,
+            root=cfg.data_root,
+            train_size=cfg.train_size,
+            test_size=cfg.test_size,
+            probe_size=cfg.probe_size,
+            seed=cfg.seed,
+            augment=cfg.augment,
+            download=cfg.download and rank == 0,
+        )
+    _seed_everything(cfg.seed)
+    if model is None:
+        model = make_model(
+            cfg.model,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            widths=cfg.widths,
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            batch_norm=cfg.batch_norm,
+        )
+    core = model.to(device)
+    optimizer = _make_optimizer(cfg, core.parameters())
+
+    test_x, test_y = (t.to(device) for t in _stack(data.test))
+    probe_x, probe_y = (t.to(device) for t in _stack(data.probe))
+    train_probe_x, _ = _stack(data.train_probe)
+    train_probe_x = train_probe_x.to(device)
+    layers_spec = _measured_layer_spec(cfg)
+
+    penalty: SparsityPenalty | None = None
+    penalty_layers: list[str] = []
+    if cfg.penalty_lambda > 0:
+        if cfg.penalty_layers == "auto":
+            assert cfg.penalty_baseline is not None
+            penalty_layers = auto_targets(cfg.penalty_baseline)
+            if not penalty_layers:
+                raise XaiSparsityError(
+                    f"penalty_layers='auto': no layer's sparsity rose before the test-loss "
+                    f"minimum in {cfg.penalty_baseline!r}; name the layers to penalise"
+                )
+        elif cfg.penalty_layers is None:
+            penalty_layers = default_penalty_layers(core, probe_x[:2])
+        else:
+            from xai_sparsity.capture import resolve_layers
+
+            spec = cfg.penalty_layers
+            penalty_layers = resolve_layers(core, spec)
+        penalty = SparsityPenalty(
+            penalty_layers,
+            cfg.penalty_lambda,
+            weights=cfg.penalty_weights,
+            scope=cfg.penalty_scope,
+            variant=cfg.penalty_variant,
+            transform=cfg.penalty_transform,
+        )
+
+    ddp_model: nn.Module = core
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    if cfg.amp and not use_amp and rank == 0:
+        warnings.warn("amp=True is only used on CUDA; training in float32", stacklevel=2)
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def amp() -> contextlib.AbstractContextManager[Any]:
+        if use_amp:
+            return torch.autocast(device_type="cuda", dtype=amp_dtype)
+        return contextlib.nullcontext()
+
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    start_epoch = 1
+    best_loss, best_epoch = math.inf, 0
+    epoch_times: list[float] = []
+    if run.checkpoint_path("last").exists():
+        state = run.load_checkpoint("last")
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["data_generator"])
+        rng = state["rng"]
+        if isinstance(rng, list):
+            rng = rng[rank] if len(rng) == world else rng[0]
+        _set_rng_state(rng)
+        start_epoch = int(state["epoch"]) + 1
+        best_loss, best_epoch = float(state["best_test_loss"]), int(state["best_epoch"])
+        epoch_times = [float(t) for t in state.get("epoch_times", [])]
+        if rank == 0:
+            run.truncate_history(int(state["epoch"]))
+    elif rank == 0:
+        k = min(cfg.spatial_images, int(probe_x.shape[0]))
+        run.save_probe(probe_x[:k].cpu().numpy(), probe_y[:k].cpu().numpy())
+    _barrier(world)
+
+    n_train = len(data.train)
+    from torch.utils.data import DataLoader
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.epochs,
+            initial=start_epoch - 1,
+            desc=f"{cfg.arm}",
+            unit="epoch",
+            leave=False,
+            dynamic_ncols=True,
+        )
+    stopped = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            lr = _lr_at(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = _epoch_batches(n_train, cfg.batch_size, generator, rank, world)
+            global_sizes = [
+                min(cfg.batch_size, n_train - i) for i in range(0, n_train, cfg.batch_size)
+            ]
+            loader = DataLoader(
+                data.train,
+                batch_sampler=batches,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+            ddp_model.train()
+            sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, penalty sum, steps
+            batch_sparsity: dict[str, float] = {}
+            attach = penalty.attach(core) if penalty is not None else contextlib.nullcontext()
+            with attach:
+                for step, (xb, yb) in enumerate(loader):
+                    xb = xb.to(device, non_blocking=True)
+                    yb = yb.to(device, non_blocking=True)
+                    frac = xb.shape[0] / global_sizes[step] * world
+                    with amp():
+                        logits = ddp_model(xb)
+                        ce = F.cross_entropy(logits.float(), yb, reduction="sum")
+                        loss = ce / global_sizes[step] * world
+                        if penalty is not None:
+                            pen = penalty.value(batch_fraction=frac)
+                            loss = loss + pen
+                            sums[2] += float(pen.detach()) / frac if frac else 0.0
+                            for name, v in penalty.last_values.items():
+                                batch_sparsity[name] = batch_sparsity.get(name, 0.0) + v
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    sums[0] += float(ce.detach())
+                    sums[1] += float((logits.detach().argmax(dim=1) == yb).sum())
+                    sums[3] += 1
+            loss_sum, correct = _all_sum(sums[:2], world, device)
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": loss_sum / n_train,
+                "train_acc": correct / n_train,
+            }
+            test_loss, test_acc = _evaluate(
+                ddp_model if world == 1 else core,
+                test_x,
+                test_y,
+                cfg.eval_batch_size,
+                rank,
+                world,
+                device,
+                amp,
+            )
+            row["test_loss"], row["test_acc"] = test_loss, test_acc
+            row["lr"] = lr
+            if penalty is not None:
+                row["penalty"] = sums[2] / max(sums[3], 1)
+                for name, v in batch_sparsity.items():
+                    row[f"train_batch_sparsity:{name}"] = v / max(sums[3], 1)
+            want_arrays = epoch % cfg.array_every == 0 or epoch == cfg.epochs
+            if rank == 0:
+                cols, arrays = probe_statistics(
+                    core,
+                    probe_x,
+                    layers_spec,
+                    train_probe_x=train_probe_x,
+                    arrays=want_arrays,
+                    spatial_images=min(cfg.spatial_images, int(probe_x.shape[0])),
+                    correlation=cfg.correlation,
+                    batch_size=cfg.eval_batch_size,
+                )
+                row.update(cols)
+                if want_arrays:
+                    run.save_arrays(epoch, arrays)
+                run.append_history(row)
+                if test_loss < best_loss:
+                    best_loss, best_epoch = test_loss, epoch
+                    run.save_checkpoint(core.state_dict(), "best")
+            epoch_times.append(time.perf_counter() - t0)
+            rng_states = _gather_rng(world)
+            if rank == 0:
+                run.save_checkpoint(
+                    {
+                        "epoch": epoch,
+                        "model": core.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "data_generator": generator.get_state(),
+                        "rng": rng_states,
+                        "best_test_loss": best_loss,
+                        "best_epoch": best_epoch,
+                        "epoch_times": epoch_times,
+                    },
+                    "last",
+                )
+            _barrier(world)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    test_loss=f"{test_loss:.3f}", test_acc=f"{test_acc:.3f}", refresh=False
+                )
+            try:
+                for cb in callbacks:
+                    cb(dict(row))
+            except StopTraining:
+                stopped = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if rank == 0:
+        _finish(
+            run,
+            cfg,
+            penalty_layers,
+            best_epoch,
+            epoch_times,
+            time.perf_counter() - t_start,
+            device,
+            world,
+            stopped,
+        )
+    _barrier(world)
+    return run
+
+
+def _gather_rng(world: int) -> Any:
+    state = _rng_state()
+    if world <= 1:
+        return state
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _prepare_run_dir(
+    cfg: TrainConfig, path: Path, rank: int, world: int, *, overwrite: bool
+) -> RunDir:
+    """Create (rank 0) or check the run directory; refuse to mix runs with other settings.
+
+    ``config.json`` holds every TrainConfig field plus ``source: "trainer"``,
+    ``penalty_layers_resolved`` (after the run) and the package version.
+    """
+    import xai_sparsity
+
+    settings = cfg.to_dict()
+    if rank == 0:
+        run = RunDir(path, create=True)
+        old_cfg = run.config
+        has_run = run.history_path.exists() or run.checkpoint_path("last").exists() or bool(old_cfg)
+        if has_run:
+            old = (
+                {k: old_cfg.get(k) for k in settings}
+                if old_cfg.get("source") == "trainer"
+                else None
+            )
+            same = old is not None and _same_settings(old, settings)
+            if not same and not overwrite:
+                if old is None:
+                    what = f"a run written by {old_cfg.get('source', 'something else')!r}"
+                else:
+                    diff = sorted(k for k in settings if old.get(k) != settings[k] and k != "arm")
+                    what = f"a run with other settings (differing: {diff})"
+                raise XaiSparsityError(
+                    f"{str(path)!r} holds {what}; use another folder or overwrite=True "
+                    "(--overwrite) to replace it"
+                )
+            if not same:
+                for name in ("history.csv", "summary.json", "probe.npz", "config.json"):
+                    (path / name).unlink(missing_ok=True)
+                for folder in ("arrays", "checkpoints"):
+                    shutil.rmtree(path / folder, ignore_errors=True)
+                old_cfg = {}
+        run.write_config(
+            {
+                **old_cfg,
+                **settings,
+                "source": "trainer",
+                "xai_sparsity_version": xai_sparsity.__version__,
+            }
+        )
+    _barrier(world)
+    return run if rank == 0 else RunDir(path)
+
+
+def _finish(
+    run: RunDir,
+    cfg: TrainConfig,
+    penalty_layers: list[str],
+    best_epoch: int,
+    epoch_times: list[float],
+    wall: float,
+    device: torch.device,
+    world: int,
+    stopped: bool,
+) -> None:
+    df = run.history()
+    summary: dict[str, Any] = {
+        "arm": cfg.arm,
+        "epochs": int(df["epoch"].max()) if len(df) else 0,
+        "stopped_early": stopped,
+        "best_test_acc": float(df["test_acc"].max()) if len(df) else None,
+        "best_test_acc_epoch": (
+            int(df["epoch"].iloc[int(np.argmax(df["test_acc"].to_numpy()))]) if len(df) else None
+        ),
+        "final_test_acc": float(df["test_acc"].iloc[-1]) if len(df) else None,
+        "min_test_loss": float(df["test_loss"].min()) if len(df) else None,
+        "min_test_loss_epoch": best_epoch,
+        "final_test_loss": float(df["test_loss"].iloc[-1]) if len(df) else None,
+        "penalty_lambda": cfg.penalty_lambda,
+        "penalty_layers": penalty_layers,
+        "device": str(device),
+        "world_size": world,
+        "seconds_training": float(sum(epoch_times)),
+        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else None,
+        "seconds_this_session": wall,
+    }
+    try:
+        from xai_sparsity.analysis import analyze
+
+        summary["analysis"] = analyze(df).to_dict()
+    except XaiSparsityError as err:
+        summary["analysis"] = {"error": str(err)}
+    run.write_config({**run.config, "penalty_layers_resolved": penalty_layers})
+    run.mark_complete(summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments
+
+
+def run_experiment(
+    config: TrainConfig | Mapping[str, Any],
+    arms: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
+) -> dict[str, RunDir]:
+    """Train several arms with the same seed, data order and schedule; one run dir per arm.
+
+    Args:
+        config: the shared settings; each arm switches its regularisers on (see
+            :func:`arm_config`).
+        arms: e.g. ``["baseline", "penalty", "dropout", "batchnorm", "penalty+batchnorm"]`` or a
+            lambda sweep ``["baseline", "penalty@0.1", "penalty@1"]``.
+        out: the experiment folder; arm ``a`` is written to ``out/a``.
+
+    ``penalty_layers="auto"`` takes the targets from this experiment's ``"baseline"`` arm (which
+    is then trained first); when that baseline did not turn or no layer rose before its t_L,
+    the deepest penalisable layer is used and a warning says so.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if isinstance(arms, str):
+        arms = [a for a in arms.split(",") if a.strip()]
+    arms = [a.strip() for a in arms]
+    if not arms:
+        raise XaiSparsityError("arms=[] names no arm; e.g. ['baseline', 'penalty']")
+    dup = sorted({a for a in arms if arms.count(a) > 1})
+    if dup:
+        raise XaiSparsityError(f"arms {dup} are listed twice")
+    configs = {a: arm_config(cfg, a) for a in arms}
+    order = sorted(arms, key=lambda a: a != "baseline")
+    base = Path(out)
+    base.mkdir(parents=True, exist_ok=True)
+    from xai_sparsity.rundir import atomic_write_json
+
+    atomic_write_json(base / "experiment.json", {"arms": list(arms), "settings": cfg.to_dict()})
+    runs: dict[str, RunDir] = {}
+    for arm in order:
+        arm_cfg = configs[arm]
+        if arm_cfg.penalty_lambda > 0 and arm_cfg.penalty_layers == "auto":
+            arm_cfg = _resolve_auto(arm_cfg, runs.get("baseline"), base / arm)
+        runs[arm] = train(arm_cfg, base / _folder(arm), progress=progress, callbacks=callbacks)
+    return {a: runs[a] for a in arms}
+
+
+def _folder(arm: str) -> str:
+    return arm.replace("/", "_").replace(os.sep, "_")
+
+
+def _resolve_auto(cfg: TrainConfig, baseline: RunDir | None, where: Path) -> TrainConfig:
+    from xai_sparsity.penalty import auto_targets
+
+    if cfg.penalty_baseline:
+        return cfg
+    if baseline is None:
+        raise XaiSparsityError(
+            "penalty_layers='auto' in an experiment needs a 'baseline' arm (or penalty_baseline)"
+        )
+    try:
+        targets = auto_targets(baseline)
+    except XaiSparsityError as err:
+        targets = []
+        reason = str(err)
+    else:
+        reason = "no layer's sparsity rose before the baseline's test-loss minimum"
+    if targets:
+        return cfg.replace(penalty_layers=targets, penalty_baseline=str(baseline.path))
+    fallback = _deepest_penalisable(baseline)
+    warnings.warn(
+        f"automatic targeting for {where.name!r}: {reason}; penalising the deepest conv "
+        f"activation {fallback!r} instead",
+        stacklevel=3,
+    )
+    return cfg.replace(penalty_layers=[fallback])
+
+
+def _deepest_penalisable(baseline: RunDir) -> str:
+    """The last measured layer that has spatial maps (a conv activation) in the baseline."""
+    epochs = baseline.array_epochs()
+    layers = baseline.layers
+    if epochs:
+        arrays = baseline.load_arrays(epochs[-1])
+        spatial = [n for n in layers if f"spatial:{n}" in arrays]
+        if spatial:
+            return spatial[-1].split("#", 1)[0]
+    if not layers:
+        raise XaiSparsityError(f"baseline run {baseline.name!r} has no measured layers")
+    return layers[-1].split("#", 1)[0]

@@ -83,7 +83,9 @@ def trainer(tmp_path: Path, callback: SparsityCallback, **kw: object) -> pl.Trai
 
 def test_fit_writes_the_run_and_logs_scalars(tmp_path: Path) -> None:
     train, val, probe = loaders()
-    cb = SparsityCallback(probe, out=tmp_path / "run", log=("sparsity", "hoyer"), array_every=1)
+    cb = SparsityCallback(
+        probe, ["net.0", "net.2"], tmp_path / "run", log=("sparsity", "hoyer"), array_every=1
+    )
     module = LitCNN()
     trainer(tmp_path, cb).fit(module, train, val)
 

@@ -247,10 +247,10 @@ def fused_layer_stats(
     from a handful of passes over ``a = |x|`` instead of about twenty: per sample and channel
     ``S_c = sum a`` and ``T_c = sum a ln a``, then ``H = ln S - T / S`` for the layer
     (``S = sum_c S_c``, ``T = sum_c T_c``) and for each channel, the sum of squares for Hoyer and a
-    count of zeros. ``ln`` is taken of ``max(a, tiny)`` (exact zeros contribute ``0 * ln tiny = 0``),
+    count of zeros. ``ln`` is taken of ``max(a, 1e-37)`` (exact zeros contribute ``0 * ln 1e-37 = 0``),
     which keeps the vectorised logarithm on its fast path (a zero lane sends a whole vector of
     ``log``/``xlogy`` to a slow path, several times slower on CPUs). For measurement without
-    gradients only (float32 sums; values of ``a`` from about 1e-38 to 1e30 / N).
+    gradients only (float32 sums; values of ``a`` from about 1e-37 to 1e30 / N).
 
     Args:
         x: activations (B, C, H, W) or any (B, ...) with rank >= 2 and at least 2 units per sample.
@@ -280,9 +280,10 @@ def fused_layer_stats(
         n = c * positions
         flat = a.reshape(b, -1)
         out: dict[str, Tensor] = {}
-        if zeros:
-            zero_count = (flat == 0).sum(dim=1, dtype=torch.int32)
-            out["zero_fraction"] = zero_count.to(torch.float32) / n
+        buf = torch.empty_like(a)  # one scratch buffer, reused
+        if zeros:  # (x == 0) written as 0/1 floats: ~3x faster than a bool mask's sum on CPUs
+            zero_count = torch.eq(a, 0, out=buf).sum(dim=2).sum(dim=1)
+            out["zero_fraction"] = (zero_count / n).float()
         s_c = a.sum(dim=2)  # (B, C)
         s = s_c.sum(dim=1)  # (B,)
         if hoyer:
@@ -291,9 +292,9 @@ def fused_layer_stats(
             ratio = s / torch.where(sq == 0, torch.ones_like(sq), sq)
             h_s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
             out["hoyer"] = torch.where(sq == 0, torch.ones_like(h_s), h_s).float()
-        log_a = a.clamp_min(torch.finfo(work).tiny).log_()
+        log_a = torch.clamp_min(a, _LOG_FLOOR[work], out=buf).log_()
         t_c = torch.linalg.vecdot(a, log_a, dim=2)  # (B, C): sum a ln a
-        del log_a
+        del log_a, buf
         t = t_c.sum(dim=1)
         h = _entropy_from_sums(s, t)
         out["perplexity"] = _perplexity_from_entropy(h, n).float()
@@ -304,6 +305,11 @@ def fused_layer_stats(
             ).float()
         out["unit_sum"] = s_c.float()  # (B, C); for dense input each "channel" is one unit
         return out
+
+
+_LOG_FLOOR = {torch.float32: 1e-37, torch.float64: 1e-300}
+"""ln is taken of max(a, floor): exact zeros then add 0 * ln(floor) = 0. The float32 floor sits
+above the smallest normal number: ``log`` of values at that boundary takes a slow path."""
 
 
 def _entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
@@ -335,6 +341,68 @@ class _LayerAccumulator:
         self.spatial: list[Tensor] = []  # (b, H, W) of the first spatial_images samples
         self.unit_means: list[Tensor] = []  # (B, C) channel means of |a| for lifetime sparsity
         self.corr: Any = None
+
+
+class _FastCorrelation:
+    """Streaming sums for the filter correlation over positions, cheaper than
+    :class:`xai_sparsity.correlation.CorrelationAccumulator.update`: the centred (C, n) samples of a
+    batch are written in one pass and multiplied in the activations' own precision (float32), and
+    only the small per-batch results are summed in float64. :meth:`accumulator` hands the sums to a
+    ``CorrelationAccumulator`` (its state format), so that r, the dead-channel mask and mean |r| are
+    exactly the correlation module's definitions.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: Tensor | None = None  # (C,) in the working dtype
+        self.sum: Tensor | None = None  # (C,) float64, sum of (f - shift)
+        self.outer: Tensor | None = None  # (C, C) float64, sum of (f - shift)(f - shift)^T
+        self.low: Tensor | None = None
+        self.high: Tensor | None = None
+
+    def update(self, x: Tensor) -> None:
+        b, c = x.shape[0], x.shape[1]
+        x3 = x.reshape(b, c, -1)
+        if x3.dtype not in (torch.float32, torch.float64):
+            x3 = x3.float()
+        if self.shift is None:
+            self.shift = x3.mean(dim=(0, 2))
+        # (C, B, P) contiguous, centred, in one pass
+        y = torch.empty((c, b, x3.shape[2]), dtype=x3.dtype, device=x3.device)
+        torch.sub(x3.transpose(0, 1), self.shift[:, None, None], out=y)
+        y2 = y.view(c, -1)
+        outer = (y2 @ y2.t()).double()
+        total = y2.sum(dim=1).double()  # (a float64 accumulator here is ~50x slower on CPUs)
+        low, high = y2.amin(dim=1), y2.amax(dim=1)  # (aminmax: ~5x slower than both on CPUs)
+        if self.outer is None:
+            self.outer, self.sum, self.low, self.high = outer, total, low, high
+        else:
+            assert self.sum is not None and self.low is not None and self.high is not None
+            self.outer += outer
+            self.sum += total
+            self.low = torch.minimum(self.low, low)
+            self.high = torch.maximum(self.high, high)
+        self.n += y2.shape[1]
+
+    def accumulator(self) -> Any:
+        from xai_sparsity import correlation
+
+        assert self.shift is not None and self.low is not None and self.high is not None
+        shift = self.shift.double()
+        acc = correlation.CorrelationAccumulator(over="positions")
+        acc.load_state_dict(
+            {
+                "version": correlation._STATE_VERSION,
+                "over": "positions",
+                "n": self.n,
+                "shift": shift,
+                "sum": self.sum,
+                "outer": self.outer,
+                "min": self.low.double() + shift,  # min/max only decide "constant channel"
+                "max": self.high.double() + shift,
+            }
+        )
+        return acc
 
 
 class _TrainAccumulator:
@@ -744,9 +812,7 @@ class SparsityMonitor:
                 acc.sums[m] = acc.sums[m] + v if m in acc.sums else v
         if self.correlation:
             if acc.corr is None:
-                from xai_sparsity.correlation import CorrelationAccumulator
-
-                acc.corr = CorrelationAccumulator(over="positions")
+                acc.corr = _FastCorrelation()
             acc.corr.update(x)
         positions = x[0, 0].numel() if x.dim() >= 3 else 1
         acc.unit_means.append(stats["unit_sum"] / positions)  # (B, C) for lifetime sparsity
@@ -790,9 +856,10 @@ class SparsityMonitor:
             for m in self.measures:
                 if m != "perplexity":
                     scalars[f"{_COLUMN_OF[m]}:{name}"] = float(acc.sums[m].item()) / acc.count
-            if acc.corr is not None:
-                scalars[f"correlation:{name}"] = float(acc.corr.mean_abs())
-                scalars[f"dead:{name}"] = int(acc.corr.num_dead)
+            corr = acc.corr.accumulator() if acc.corr is not None else None
+            if corr is not None:
+                scalars[f"correlation:{name}"] = float(corr.mean_abs())
+                scalars[f"dead:{name}"] = int(corr.num_dead)
             lifetime = None
             if acc.unit_means and acc.count >= 2:
                 from xai_sparsity.measures import lifetime_sparsity
@@ -808,8 +875,8 @@ class SparsityMonitor:
                 out_arrays[f"channel:{name}"] = (acc.channel_sum / acc.count).cpu().numpy()
             if acc.spatial:
                 out_arrays[f"spatial:{name}"] = torch.cat(acc.spatial).cpu().numpy()
-            if acc.corr is not None:
-                out_arrays[f"correlation:{name}"] = acc.corr.correlation().float().cpu().numpy()
+            if corr is not None:
+                out_arrays[f"correlation:{name}"] = corr.correlation().float().cpu().numpy()
             if lifetime is not None:
                 out_arrays[f"lifetime:{name}"] = lifetime.float().cpu().numpy()
         return {"scalars": scalars, "arrays": out_arrays, "per_sample": per_sample}

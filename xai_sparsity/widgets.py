@@ -1252,7 +1252,12 @@ class RunComparison(_Widget):
         colors = self._colors()
 
         def paint_curves(fig: Figure) -> None:
-            axes = fig.subplots(1, 3)
+            if all(col in df.columns for df in self.histories.values()):
+                from xai_sparsity.figures import plot_regulariser_comparison
+
+                plot_regulariser_comparison(self.runs, layer=layer, measure=self.measure, fig=fig)
+                return
+            axes = fig.subplots(1, 3)  # a layer some arms did not measure
             for (name, df), color in zip(self.histories.items(), colors, strict=True):
                 ep = df["epoch"].to_numpy()
                 for ax, key in zip(axes, ("test_loss", "test_acc", col), strict=True):

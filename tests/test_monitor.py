@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from xai_sparsity import XaiSparsityError
 from xai_sparsity.analysis import analyze
 from xai_sparsity.capture import capture
-from xai_sparsity.measures import compute_measure, perplexity_sparsity
+from xai_sparsity.correlation import CorrelationAccumulator
+from xai_sparsity.measures import compute_measure, lifetime_sparsity, perplexity_sparsity
 from xai_sparsity.monitor import SparsityMonitor, fused_layer_stats
 from xai_sparsity.rundir import RunDir
 
@@ -134,6 +135,13 @@ def test_values_match_the_measures_module(tmp_path: Path) -> None:
         np.testing.assert_allclose(arr[f"channel:{name}"], ch, atol=1e-5)
         sp = perplexity_sparsity(act[:2], "spatial").numpy()
         np.testing.assert_allclose(arr[f"spatial:{name}"], sp, atol=1e-5)
+        ref_corr = CorrelationAccumulator(over="positions")
+        ref_corr.update(act)
+        np.testing.assert_allclose(arr[f"correlation:{name}"], ref_corr.correlation(), atol=1e-5)
+        assert row[f"correlation:{name}"] == pytest.approx(ref_corr.mean_abs(), abs=1e-6)
+        assert row[f"dead:{name}"] == ref_corr.num_dead
+        life = lifetime_sparsity(act).numpy()
+        np.testing.assert_allclose(arr[f"lifetime:{name}"], life, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

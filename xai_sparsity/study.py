@@ -1231,7 +1231,7 @@ def study_command(args: Any) -> int:
         limit=args.limit,
         only=args.only,
         device=args.device,
-        progress=not args.no_progress,
+        progress=not (getattr(args, "no_progress", False) or getattr(args, "quiet", False)),
     )
     print(
         f"{len(df)} runs summarised in {Path(args.out) / SUMMARY_NAME} "
@@ -1253,13 +1253,17 @@ def add_report_arguments(parser: Any) -> None:
 
 def report_command(args: Any) -> int:
     """``xai-sparsity study-report``: regenerate the study section of docs/science.md."""
-    runs = args.runs
+    runs = getattr(args, "runs", None)
     if runs is None and Path(args.summary).is_dir():
         runs = args.summary
     elif runs is None and (Path(args.summary).parent / "study.json").exists():
         runs = str(Path(args.summary).parent)
     path = report(
-        args.summary, args.doc, args.figures, figure_prefix=args.figure_prefix, runs_dir=runs
+        args.summary,
+        args.doc,
+        args.figures,
+        figure_prefix=getattr(args, "figure_prefix", "study/"),
+        runs_dir=runs,
     )
     print(f"wrote {path}")
     return 0

@@ -449,6 +449,15 @@ def test_tensorboard_scalars_and_histograms(tmp_path: Path) -> None:
     assert [e.step for e in ea.Scalars("sparsity/1")] == [1, 2]
     assert "sparsity_per_sample/1" in ea.Tags()["histograms"]
 
+    from xai_sparsity.integrations.tensorboard import export_run
+
+    n = export_run(tmp_path / "run", tmp_path / "tb_export")
+    assert n > 0
+    ex = EventAccumulator(str(tmp_path / "tb_export"))
+    ex.Reload()
+    assert {"sparsity/1", "hoyer/4"} <= set(ex.Tags()["scalars"])
+    assert "per_sample_sparsity/1" in ex.Tags()["histograms"]
+
 
 def _ddp_worker(rank: int, world: int, out: str, port: int) -> None:
     import torch.distributed as dist

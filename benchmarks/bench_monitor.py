@@ -152,10 +152,14 @@ def main() -> None:
         flush=True,
     )
     sizes = [100] if args.quick else [int(s) for s in args.train_sizes.split(",")]
-    rows: list[h.Row] = []
     for size in sizes:
-        rows += run(size, args)
-    h.emit(rows)
+        rows = run(size, args)
+        h.emit(rows)
+        table(rows)
+
+
+def table(rows: list[h.Row]) -> None:
+    """Print rows as a readable table."""
     width = max(len(r.name) for r in rows)
     print(f"\n{'benchmark'.ljust(width)}  median   IQR              goal     status")
     for r in rows:
@@ -166,6 +170,7 @@ def main() -> None:
         print(f"{r.name.ljust(width)}  {r.value:.3f}x  {iqr:15}  {r.goal or '':8} {r.status}")
         if r.detail:
             print(f"{''.ljust(width)}  ({r.detail})")
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -521,33 +521,4 @@ def test_history_is_readable_by_pandas_with_expected_dtypes(tmp_path: Path) -> N
     assert df["sparsity:1"].dtype.kind == "f"
 
 
-def test_notebook_05_runs_with_fast_parameters(tmp_path: Path) -> None:
-    pytest.importorskip("nbclient")
-    pytest.importorskip("papermill")
-    import nbformat
-    from nbclient import NotebookClient
-    from papermill.parameterize import parameterize_notebook
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _notebook_utils import kernel_python_ok
-
-    if not kernel_python_ok():
-        pytest.skip("the python3 kernel does not run this interpreter")
-    out = tmp_path / "run"
-    nb = nbformat.read(ROOT / "notebooks" / "05_your_own_model.ipynb", as_version=4)
-    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    nb.metadata.setdefault("papermill", {})  # what papermill.execute_notebook adds first
-    for cell in nb.cells:
-        cell.metadata.setdefault("tags", [])
-    nb = parameterize_notebook(nb, {"FAST": True, "OUT": str(out)})
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    run = RunDir(out)
-    assert run.history()["epoch"].tolist() == [1, 2, 3]
-    assert run.config["source"] == "monitor" and run.is_complete
-    outputs = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
-    assert "measured layers" in outputs
+# notebooks/05_your_own_model.ipynb runs with its fast parameters in tests/test_notebooks.py.

@@ -652,7 +652,7 @@ class LayerExplorer(_Widget):
                 r,
                 f"{layer}: mean |r| {_mean_abs_offdiag(r, dead):.2f}, dead {int(dead.sum())}",
             )
-            fig.subplots_adjust(left=0.15, right=0.92, bottom=0.14, top=0.9)
+            fig.subplots_adjust(left=0.15, right=0.86, bottom=0.14, top=0.9)
 
         def paint_attribution(fig: Figure) -> None:
             amap = self._attribution(s["image"], s["method"], layer)
@@ -1104,7 +1104,7 @@ class EpochScrubber(_Widget):
             _correlation_image(
                 fig, ax, r, f"{layer}, epoch {epoch}: mean |r| {_mean_abs_offdiag(r, dead):.2f}"
             )
-            fig.subplots_adjust(left=0.12, right=0.92, bottom=0.13, top=0.9)
+            fig.subplots_adjust(left=0.12, right=0.86, bottom=0.13, top=0.9)
 
         painters: dict[str, Callable[[Figure], None]] = {
             "channel_sparsity": paint_channels,

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Make sure Debian's Chromium is installed for the browser test (tests/test_browser.py).
+#
+# The test drives the system Chromium with Playwright; it never downloads a browser.
+# - chromium already on PATH: nothing to do.
+# - running as root with apt-get: `apt-get install -y chromium`.
+# - otherwise: print how to install it.
+# Exits 0 unless CI=true and Chromium could not be made available.
+set -u
+
+find_chromium() {
+    command -v chromium || command -v chromium-browser || true
+}
+
+if [ -n "$(find_chromium)" ]; then
+    echo "chromium: $(find_chromium)"
+    exit 0
+fi
+
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium with apt-get ..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq chromium
+fi
+
+if [ -n "$(find_chromium)" ]; then
+    echo "chromium: $(find_chromium)"
+    exit 0
+fi
+
+echo "chromium is not installed; the browser test will be skipped." >&2
+echo "Install it with:  sudo apt-get install -y chromium   (Debian/Ubuntu)" >&2
+echo "or run this script as root: sudo scripts/ensure_chromium.sh" >&2
+if [ "${CI:-}" = "true" ]; then
+    echo "CI=true: the browser test must run, so this is an error." >&2
+    exit 1
+fi
+exit 0

@@ -208,11 +208,6 @@ class TrainConfig:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise XaiSparsityError(f"{name}={v!r} must be a finite number >= 0")
-        if self.penalty_layers == "auto" and self.penalty_lambda > 0 and not self.penalty_baseline:
-            raise XaiSparsityError(
-                "penalty_layers='auto' needs penalty_baseline=RUN_DIR (a finished baseline run); "
-                "run_experiment fills it in from its 'baseline' arm"
-            )
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
             raise XaiSparsityError(
@@ -529,8 +524,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _set_determinism(on: bool) -> None:
-    if on:
+def _set_determinism(on: bool, device: torch.device) -> None:
+    """Deterministic kernels on accelerators (CPU kernels used here are deterministic already;
+    ``torch.use_deterministic_algorithms`` costs seconds of imports, so it is skipped on CPU)."""
+    if on and device.type != "cpu":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -876,9 +873,14 @@ def train(
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
+    if cfg.penalty_layers == "auto" and cfg.penalty_lambda > 0 and not cfg.penalty_baseline:
+        raise XaiSparsityError(
+            "penalty_layers='auto' needs penalty_baseline=RUN_DIR (a finished baseline run); "
+            "run_experiment fills it in from its 'baseline' arm"
+        )
     rank, world = _dist()
     device = resolve_device(cfg.device, rank, world)
-    _set_determinism(cfg.deterministic)
+    _set_determinism(cfg.deterministic, device)
     run = _prepare_run_dir(cfg, Path(out), rank, world, overwrite=overwrite)
     if run.is_complete:
         return run

@@ -343,3 +343,44 @@ def test_comparison_of_arms(tmp_path: Path) -> None:
     assert same.state["layer"] == "conv1"
     with pytest.raises(XaiSparsityError, match="no run directories"):
         RunComparison(tmp_path / "experiment" / "baseline" / "arrays")
+
+
+def test_widgets_on_a_trained_run(tmp_path: Path) -> None:
+    """The trainer's callback, run directory and model work with every widget."""
+    from xai_sparsity.data import load_data
+    from xai_sparsity.models import make_model
+    from xai_sparsity.training import TrainConfig, train
+
+    cfg = TrainConfig(
+        epochs=3,
+        train_size=60,
+        test_size=60,
+        probe_size=30,
+        widths=[4, 4],
+        hidden=8,
+        array_every=1,
+        spatial_images=2,
+        device="cpu",
+    )
+    monitor = TrainingMonitor()
+    run = train(cfg, tmp_path / "run", progress=False, callbacks=[monitor])
+    assert [int(r["epoch"]) for r in monitor.rows] == [1, 2, 3]
+    assert set(run.layers) <= {k.split(":", 1)[1] for k in monitor.rows[-1] if ":" in k}
+
+    scrub = EpochScrubber(run)
+    assert scrub.epochs == [1, 2, 3]
+    for epoch in (1, 2):
+        before = scrub.rendered
+        scrub.controls["epoch"].value = epoch
+        _changed(before, scrub.rendered, ["heatmap", "channel_sparsity", "spatial"])
+
+    data = load_data("mnist5k", train_size=60, test_size=60, probe_size=30)
+    model = make_model("cnn", num_classes=10, in_channels=1, image_size=28, widths=[4, 4], hidden=8)
+    model.load_state_dict(run.load_checkpoint("last")["model"])
+    images = torch.stack([data.probe[i][0] for i in range(2)])
+    ex = LayerExplorer(model, images, methods=("gradcam",))
+    assert ex.layers == [n for n in ex.layer_table.names if n in ex.layers]
+    assert ex.state["layer"] == ex.layers[0] and len(ex.layers) >= 2
+    before = ex.rendered
+    ex.select(layer=ex.layers[-1])  # Grad-CAM follows the layer
+    _changed(before, ex.rendered, ["feature_maps", "correlation", "attribution"])

@@ -62,6 +62,7 @@ if FAST:
     EPOCHS, TRAIN_SIZE, N_IMAGES = 2, 200, 4
 """),
     code("""
+%matplotlib inline
 import torch
 
 import xai_sparsity as xs
@@ -137,9 +138,10 @@ OUT = "runs/02_baseline"
 """),
     code("""
 if FAST:
-    EPOCHS, TRAIN_SIZE = 4, 200
+    EPOCHS, TRAIN_SIZE = 3, 200
 """),
     code("""
+%matplotlib inline
 import xai_sparsity as xs
 from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
 from xai_sparsity.training import TrainConfig, train
@@ -240,6 +242,7 @@ if FAST:
     EPOCHS, TRAIN_SIZE, ARMS, DEVICE = 3, 200, ["baseline", "penalty@0.3"], "cpu"
 """),
     code("""
+%matplotlib inline
 import torch
 
 import xai_sparsity as xs
@@ -307,18 +310,19 @@ if FAST:
     EXPERIMENT, FIGURES = "runs/04_fast_experiment", "figures_fast"
 """),
     code("""
+%matplotlib inline
 from pathlib import Path
-
-import torch
 
 import xai_sparsity as xs
 from xai_sparsity import figures as F
+from xai_sparsity.data import load_data
+from xai_sparsity.models import make_model
 from xai_sparsity.training import TrainConfig, run_experiment
 """),
     code("""
 arms = ["baseline", "penalty@0.3", "dropout", "batchnorm"]
 if not all((Path(EXPERIMENT) / a / "summary.json").exists() for a in ("baseline",)):
-    small = TrainConfig(epochs=30 if not FAST else 3, train_size=500 if not FAST else 200,
+    small = TrainConfig(epochs=30 if not FAST else 2, train_size=500 if not FAST else 200,
                         test_size=1000 if not FAST else 300, probe_size=200 if not FAST else 100,
                         array_every=5 if not FAST else 1, device="auto")
     run_experiment(small, arms if not FAST else ["baseline", "penalty@0.3"], EXPERIMENT)
@@ -350,10 +354,23 @@ with F.paper_style(STYLE):
     F.save_figure(fig3, out / "fig3_channel_sparsity", formats=FORMATS)
 fig3
 """),
-    md("## Figure 4: spatial sparsity maps next to Captum attributions"),
+    md("""
+## Figure 4: spatial sparsity maps next to Captum attributions
+
+With the trained model (rebuilt from the run's settings and its last checkpoint) the figure adds
+attributions and the layer's feature maps beside the sparsity maps of the probe images.
+"""),
     code("""
+settings = {k: v for k, v in baseline.config.items() if k in TrainConfig.__dataclass_fields__}
+cfg = TrainConfig.from_dict(settings)
+data = load_data(cfg.data, train_size=cfg.train_size, test_size=cfg.test_size,
+                 probe_size=cfg.probe_size, seed=cfg.seed)
+model = make_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                   image_size=data.image_size, widths=cfg.widths, hidden=cfg.hidden,
+                   dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+model.load_state_dict(baseline.load_checkpoint("last")["model"])
 with F.paper_style(STYLE):
-    fig4 = F.plot_run_spatial_maps(baseline, layer)
+    fig4 = F.plot_run_spatial_maps(baseline, layer, model=model, method=("saliency", "gradcam"))
     F.save_figure(fig4, out / "fig4_spatial_maps", formats=FORMATS)
 fig4
 """),

@@ -1169,6 +1169,17 @@ def build_report(
         lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
     if "regularisers.png" in figs:
         lines += [f"![Regulariser comparison, seed 0]({figure_prefix}regularisers.png)", ""]
+    if "penalty_layers_used" in df.columns and "penalty_layers" in df.columns:
+        auto = df[(df["penalty_layers"].astype(str) == "auto") & (df["status"] == "complete")]
+        if len(auto):
+            chosen = auto.groupby("seed")["penalty_layers_used"].first()
+            lines += [
+                "Layers targeted automatically (sparsity rose at or before the baseline's t_L), "
+                "per seed: "
+                + "; ".join(f"seed {k}: {str(v).replace(';', ', ')}" for k, v in chosen.items())
+                + ".",
+                "",
+            ]
     lines += ["Paired differences (same cell and seed), penalty arm minus comparator:", ""]
     lines += [markdown_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
     lines += ["### The lambda curve", ""]

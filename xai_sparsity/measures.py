@@ -143,6 +143,15 @@ def _entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, 
 
     Returns H and dead, both with the reduced dims removed.
     """
+    if x.device.type == "cpu":
+        # CPU: cache-sized chunks, no tensor-sized temporary (see _chunked_entropy)
+        check_choice("transform", transform, TRANSFORMS)
+        if _differentiable(x):
+            h, total = _ChunkedEntropy.apply(x, dims, transform)
+        else:
+            with torch.no_grad():
+                h, total = _chunked_entropy(x, dims, transform)
+        return h, (total == 0).squeeze(dims)
     if _differentiable(x):
         a = _transformed(x, transform, owned=False)
         total = a.sum(dim=dims, keepdim=True)
@@ -160,6 +169,99 @@ def _entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, 
         # values finite and avoids the cancellation in ln S - sum(a ln a) / S), then -sum p ln p.
         a.div_(torch.where(dead, torch.ones_like(total), total))
         return _neg_plogp_sum(a, dims, fused=a.device.type != "cpu"), dead.squeeze(dims)
+
+
+_CHUNK_ELEMENTS = 1 << 17
+"""Elements per chunk of the CPU entropy kernel: two float32 buffers of 512 KiB stay in L2."""
+
+
+def _chunk_rows(x: Tensor) -> int:
+    """Samples per chunk: about ``_CHUNK_ELEMENTS`` elements, at least one sample."""
+    per_sample = max(1, math.prod(x.shape[1:]))
+    return max(1, min(x.shape[0], _CHUNK_ELEMENTS // per_sample))
+
+
+def _load(xc: Tensor, out: Tensor, transform: str) -> Tensor:
+    """Write the transformed chunk ``xc`` into the working-dtype buffer ``out``."""
+    if xc.dtype == out.dtype:
+        if transform == "abs":
+            return torch.abs(xc, out=out)
+        return torch.clamp_min(xc, 0, out=out)
+    out.copy_(xc)
+    return out.abs_() if transform == "abs" else out.clamp_min_(0)
+
+
+def _chunked_entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, Tensor]:
+    """H over ``dims`` (reduced dims removed) and the sums S (``keepdim``), without autograd.
+
+    The batch is processed in chunks of a few samples through two reused buffers of about
+    ``_CHUNK_ELEMENTS`` elements: a = |x| (or relu), S = sum a, p = a / S in place, then
+    -sum p ln max(p, tiny) with a vectorised log (on CPU ``xlogy`` is scalar code). No
+    tensor-sized temporary is allocated, which matters most where every large allocation is a
+    fresh ``mmap`` (pinned glibc malloc settings) and keeps the passes in cache.
+    """
+    dtype = _work_dtype(x)
+    k = _chunk_rows(x)
+    buf = torch.empty((k, *x.shape[1:]), dtype=dtype, device=x.device)
+    logs = torch.empty_like(buf)
+    tiny = torch.finfo(dtype).tiny
+    hs: list[Tensor] = []
+    totals: list[Tensor] = []
+    for start in range(0, x.shape[0], k):
+        xc = x[start : start + k]
+        n = xc.shape[0]
+        a, lg = (buf, logs) if n == k else (buf[:n], logs[:n])
+        _load(xc, a, transform)
+        total = a.sum(dim=dims, keepdim=True)
+        a.div_(torch.where(total == 0, 1.0, total))
+        torch.clamp_min(a, tiny, out=lg)
+        hs.append(lg.log_().mul_(a).sum(dim=dims).neg_())
+        totals.append(total)
+    if len(hs) == 1:
+        return hs[0], totals[0]
+    return torch.cat(hs), torch.cat(totals)
+
+
+class _ChunkedEntropy(torch.autograd.Function):
+    """H with a hand-written backward that, like the forward, needs no tensor-sized temporary.
+
+    The gradient is that of the guarded form -sum p ln max(p, tiny):
+    dH/da_j = -(ln max(p_j, tiny) + H) / S, times d a / d x (sign(x) for "abs", 1[x > 0] for
+    "relu"), so it is 0 at exact zeros and for dead maps. First-order only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, dims: tuple[int, ...], transform: str
+    ) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            h, total = _chunked_entropy(x, dims, transform)
+        ctx.save_for_backward(x, h, total)
+        ctx.dims, ctx.transform = dims, transform
+        ctx.mark_non_differentiable(total)
+        return h, total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_h: Tensor, _grad_total: Tensor | None) -> tuple[Any, ...]:
+        x, h, total = ctx.saved_tensors
+        safe = torch.where(total == 0, 1.0, total)
+        h_k = h.reshape(total.shape)
+        scale = grad_h.reshape(total.shape).to(total.dtype).div(safe).neg_()  # -dL/dH / S
+        tiny = torch.finfo(total.dtype).tiny
+        grad_x = torch.empty_like(x)
+        k = _chunk_rows(x)
+        buf = torch.empty((k, *x.shape[1:]), dtype=total.dtype, device=x.device)
+        for start in range(0, x.shape[0], k):
+            stop = start + k
+            xc = x[start:stop]
+            a = buf if xc.shape[0] == k else buf[: xc.shape[0]]
+            _load(xc, a, ctx.transform)
+            a.div_(safe[start:stop]).clamp_min_(tiny).log_()
+            a.add_(h_k[start:stop]).mul_(scale[start:stop])
+            a.mul_(torch.sign(xc) if ctx.transform == "abs" else xc > 0)
+            grad_x[start:stop].copy_(a)
+        return grad_x, None, None
 
 
 def _neg_plogp_sum(p: Tensor, dims: tuple[int, ...], *, fused: bool) -> Tensor:

@@ -371,7 +371,14 @@ class _FastCorrelation:
         y = torch.empty((c, b, x3.shape[2]), dtype=x3.dtype, device=x3.device)
         torch.sub(x3.transpose(0, 1), self.shift[:, None, None], out=y)
         y2 = y.view(c, -1)
-        outer = (y2 @ y2.t()).double()
+        if y2.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products, then restore
+            try:
+                outer = (y2 @ y2.t()).double()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            outer = (y2 @ y2.t()).double()
         total = y2.sum(dim=1).double()  # (a float64 accumulator here is ~50x slower on CPUs)
         low, high = y2.amin(dim=1), y2.amax(dim=1)  # (aminmax: ~5x slower than both on CPUs)
         if self.outer is None:

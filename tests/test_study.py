@@ -273,3 +273,23 @@ def test_dry_run_lists_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert f"{len(load_study(CLAIMS))} runs" in out and "penalty-auto@0.3" in out
     assert main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2
+
+
+def test_auto_targeting_trains_after_its_baseline(tmp_path: Path) -> None:
+    tiny = load_study(SMOKE).spec
+    s = {
+        "study": {"name": "auto", "seeds": [0]},
+        "defaults": dict(tiny["defaults"]),
+        "groups": [
+            {
+                "name": "g",
+                "role": "penalty",
+                "arms": {"penalty-auto@0.3": {"penalty_lambda": 0.3, "penalty_layers": "auto"}},
+            }
+        ],
+    }
+    table = run_study(expand_study(s), tmp_path, workers=1, progress=False).set_index("arm")
+    assert list(table.index) == ["baseline", "penalty-auto@0.3"]
+    assert (table["status"] == "complete").all()
+    used = str(table.loc["penalty-auto@0.3", "penalty_layers_used"])
+    assert used.startswith("features.relu")  # the baseline's rising layers or the deepest one

@@ -408,18 +408,24 @@ def _train_one(
     run: StudyRun, out: str, device: str | None, baseline_dir: str | None
 ) -> dict[str, Any]:
     """Train (or resume) one run; return its result columns. Runs in a worker process."""
-    from xai_sparsity.training import _resolve_auto, train
+    from xai_sparsity.training import TrainConfig, _resolve_auto, train
 
-    cfg = run.config()
+    settings = {**run.settings, "seed": run.seed, "arm": run.arm}
     if device is not None:
-        cfg = cfg.replace(device=device)
+        settings["device"] = device
     path = Path(out) / run.run_id
-    if cfg.penalty_lambda > 0 and cfg.penalty_layers == "auto":
+    lam = float(settings.get("penalty_lambda", 0.0) or 0.0)
+    if lam > 0 and settings.get("penalty_layers") == "auto":
         if baseline_dir is None:
             raise XaiSparsityError(f"run {run.run_id!r} needs its baseline run for 'auto'")
+        # Resolved exactly as run_experiment does (targets of the finished baseline, or the
+        # deepest conv activation when none rose); lambda 0 keeps the unresolved config valid.
+        unresolved = TrainConfig.from_dict({**settings, "penalty_lambda": 0.0})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cfg = _resolve_auto(cfg, RunDir(baseline_dir), path)
+            cfg = _resolve_auto(unresolved, RunDir(baseline_dir), path).replace(penalty_lambda=lam)
+    else:
+        cfg = TrainConfig.from_dict(settings)
     if os.environ.get("XAI_SPARSITY_STUDY_FAIL") == run.run_id:  # fault injection for tests
         raise RuntimeError(f"injected failure in {run.run_id}")
     train(cfg, path, progress=False)

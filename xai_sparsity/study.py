@@ -985,7 +985,11 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
         }
         runs = {a: p for a, p in runs.items() if (p / "history.csv").exists()}
         if len(runs) >= 2:
-            save(plot_regulariser_comparison(runs), "regularisers.png")
+            from xai_sparsity.indicators import feature_layers
+
+            first_run = RunDir(next(iter(runs.values())))
+            deepest = feature_layers(first_run.history())[-1]
+            save(plot_regulariser_comparison(runs, layer=deepest), "regularisers.png")
     return made
 
 

@@ -89,13 +89,18 @@ class SparsityPenalty:
         self.transform = check_choice("transform", transform, TRANSFORMS)
         self._cap: Capture | None = None
         self._layer_weights: dict[str, float] = {}
-        self.last_values: dict[str, float] = {}
+        self.last_tensors: dict[str, Tensor] = {}
 
     def __repr__(self) -> str:
         return (
             f"SparsityPenalty(layers={self.layers_spec!r}, lam={self.lam}, scope={self.scope!r}, "
             f"variant={self.variant!r}, transform={self.transform!r})"
         )
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """Per-layer mean sparsity of the last :meth:`value` call (floats)."""
+        return {k: float(v) for k, v in self.last_tensors.items()}
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -187,7 +192,8 @@ class SparsityPenalty:
                 * world_size`` so that the averaged gradient equals the single-process one.
 
         Returns a 0-d tensor on the model's device carrying the autograd graph; the per-layer
-        means (without ``lam`` and weights) are stored in ``last_values``.
+        means (without ``lam`` and weights) are kept as detached tensors in ``last_tensors``
+        (no device synchronisation) and as floats in ``last_values``.
         """
         cap = self._cap
         if cap is None:
@@ -202,7 +208,7 @@ class SparsityPenalty:
             self._layer_weights = self._resolve_weights(list(stats))
         key = f"perplexity:{self.scope}"
         total: Tensor | None = None
-        values: dict[str, float] = {}
+        values: dict[str, Tensor] = {}
         for name in stats:
             per = stats[name]
             if key not in per:
@@ -212,11 +218,11 @@ class SparsityPenalty:
                 )
             s = per[key]
             m = s.mean() * batch_fraction
-            values[name] = float(s.detach().mean())
+            values[name] = s.detach().mean()
             term = m * self._layer_weights[name]
             total = term if total is None else total + term
         assert total is not None
-        self.last_values = values
+        self.last_tensors = values
         if clear:
             cap.clear()
         return total * self.lam

@@ -891,6 +891,8 @@ def train(
     from xai_sparsity.penalty import SparsityPenalty, auto_targets
 
     if data is None:
+        if rank != 0:
+            _barrier(world)  # rank 0 loads (and downloads, if asked) first
         data = load_data(
             cfg.data,
             root=cfg.data_root,
@@ -901,6 +903,8 @@ def train(
             augment=cfg.augment,
             download=cfg.download and rank == 0,
         )
+        if rank == 0:
+            _barrier(world)
     _seed_everything(cfg.seed)
     if model is None:
         model = make_model(
@@ -1025,8 +1029,10 @@ def train(
                 pin_memory=device.type == "cuda",
             )
             ddp_model.train()
-            sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, penalty sum, steps
-            batch_sparsity: dict[str, float] = {}
+            # running sums on the device (no synchronisation per step): loss, correct, penalty
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            steps = 0
+            batch_sparsity: dict[str, Tensor] = {}
             attach = penalty.attach(core) if penalty is not None else contextlib.nullcontext()
             with attach:
                 for step, (xb, yb) in enumerate(loader):
@@ -1040,17 +1046,20 @@ def train(
                         if penalty is not None:
                             pen = penalty.value(batch_fraction=frac)
                             loss = loss + pen
-                            sums[2] += float(pen.detach()) / frac if frac else 0.0
-                            for name, v in penalty.last_values.items():
-                                batch_sparsity[name] = batch_sparsity.get(name, 0.0) + v
+                            if frac:
+                                sums[2] += pen.detach().double() / frac
+                            for name, v in penalty.last_tensors.items():
+                                prev = batch_sparsity.get(name)
+                                batch_sparsity[name] = v if prev is None else prev + v
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
-                    sums[0] += float(ce.detach())
-                    sums[1] += float((logits.detach().argmax(dim=1) == yb).sum())
-                    sums[3] += 1
-            loss_sum, correct = _all_sum(sums[:2], world, device)
+                    sums[0] += ce.detach().double()
+                    sums[1] += (logits.detach().argmax(dim=1) == yb).sum().double()
+                    steps += 1
+            sums_list = [float(v) for v in sums.tolist()]
+            loss_sum, correct = _all_sum(sums_list[:2], world, device)
             row: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": loss_sum / n_train,
@@ -1069,9 +1078,9 @@ def train(
             row["test_loss"], row["test_acc"] = test_loss, test_acc
             row["lr"] = lr
             if penalty is not None:
-                row["penalty"] = sums[2] / max(sums[3], 1)
+                row["penalty"] = sums_list[2] / max(steps, 1)
                 for name, v in batch_sparsity.items():
-                    row[f"train_batch_sparsity:{name}"] = v / max(sums[3], 1)
+                    row[f"train_batch_sparsity:{name}"] = float(v) / max(steps, 1)
             want_arrays = epoch % cfg.array_every == 0 or epoch == cfg.epochs
             if rank == 0:
                 cols, arrays = probe_statistics(

@@ -101,10 +101,13 @@ class TrainConfig:
     Optimisation: ``epochs``, ``batch_size``, ``optimizer`` ("sgd", "adam", "adamw"), ``lr``,
     ``momentum``, ``weight_decay``, ``schedule`` ("constant", "cosine", "step"), ``step_size``,
     ``gamma``.
-    Penalty: ``penalty_lambda`` (0: none), ``penalty_layers`` (names or glob patterns; ``None``:
-    the activation layers after convolutions; ``"auto"``: layers whose sparsity rose before t_L
-    in ``penalty_baseline``, a baseline run directory), ``penalty_weights``, ``penalty_scope``,
-    ``penalty_variant``, ``penalty_transform``.
+    Penalty: ``penalty_lambda`` (0: none), ``penalty_layers`` (names or glob patterns; ``None``
+    or ``"deepest"``: the activation after the last convolution; ``"all"``: every activation
+    after a convolution; ``"auto"``: layers whose sparsity rose before t_L in
+    ``penalty_baseline``, a baseline run directory), ``penalty_weights``, ``penalty_scope``,
+    ``penalty_variant``, ``penalty_transform``. Penalising every conv activation with
+    lambda 0.3 from the first epoch can collapse a small CNN to constant (dense) features that
+    never learn; the deepest layer alone is the safer default.
     Measurement: ``measure_layers`` (``None``: every activation module, i.e. the activation after
     each conv and the hidden dense layer), ``array_every``, ``spatial_images``, ``correlation``,
     ``eval_batch_size``.
@@ -586,10 +589,14 @@ def _measured_layer_spec(cfg: TrainConfig) -> Any:
     return is_activation
 
 
-def default_penalty_layers(model: nn.Module, example: Tensor) -> list[str]:
-    """The activation modules that follow a convolution (their output has spatial dims)."""
+def default_penalty_layers(model: nn.Module, example: Tensor, which: str = "deepest") -> list[str]:
+    """Activation modules that follow a convolution (output with spatial dims), in call order.
+
+    ``which="deepest"``: only the last of them; ``"all"``: every one.
+    """
     from xai_sparsity.capture import list_layers
 
+    check_choice("penalty_layers", which, ("deepest", "all"))
     table = list_layers(model, example)
     names = [r.name for r in table if r.kind == "activation" and len(r.output_shape) >= 2]
     if not names:
@@ -597,7 +604,7 @@ def default_penalty_layers(model: nn.Module, example: Tensor) -> list[str]:
             "the model has no activation module with a spatial output to penalise by default; "
             "set penalty_layers to layer names"
         )
-    return names
+    return names if which == "all" else names[-1:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -937,8 +944,9 @@ def train(
                     f"penalty_layers='auto': no layer's sparsity rose before the test-loss "
                     f"minimum in {cfg.penalty_baseline!r}; name the layers to penalise"
                 )
-        elif cfg.penalty_layers is None:
-            penalty_layers = default_penalty_layers(core, probe_x[:2])
+        elif cfg.penalty_layers is None or cfg.penalty_layers in ("deepest", "all"):
+            which = "deepest" if cfg.penalty_layers is None else str(cfg.penalty_layers)
+            penalty_layers = default_penalty_layers(core, probe_x[:2], which)
         else:
             from xai_sparsity.capture import resolve_layers
 

@@ -49,7 +49,7 @@ def compare(label: str, model: nn.Module, x: torch.Tensor, layer: nn.Module, arg
     try:
         times = h.interleaved(
             {"forward": forward, "update": with_update},
-            rounds=args.rounds or (2 if args.quick else 20),
+            rounds=args.rounds or (2 if args.quick else 12),
             warmup=1 if args.quick else 3,
             cuda=args.device.startswith("cuda"),
         )

@@ -130,7 +130,7 @@ def torchlens_side(model: nn.Module, x: torch.Tensor) -> Callable[[], None] | st
 def run_model(name: str, args: Any) -> list[h.Row]:
     model, x = _models.model_and_input(name, args.quick, args.device)
     label = f"{name} b{x.shape[0]} {x.shape[-1]}x{x.shape[-1]}"
-    rounds = args.rounds or (2 if args.quick else 30)
+    rounds = args.rounds or (2 if args.quick else 20)
     sides, (layers, nodes, close) = sides_for(model, x)
     cuda = args.device.startswith("cuda")
     times = h.interleaved(sides, rounds=rounds, warmup=1 if args.quick else 3, cuda=cuda)

@@ -115,7 +115,7 @@ def throughput(args: Any) -> list[h.Row]:
 
     times = h.interleaved(
         {"plain": plain, "sweep": full, "lean": lean},
-        rounds=args.rounds or (2 if args.quick else 7),
+        rounds=args.rounds or (2 if args.quick else 5),
         warmup=1,
     )
     return [

@@ -67,7 +67,7 @@ def run_model(name: str, args: Any) -> list[h.Row]:
     try:
         times = h.interleaved(
             sides,
-            rounds=args.rounds or (2 if args.quick else 20),
+            rounds=args.rounds or (2 if args.quick else 12),
             warmup=1 if args.quick else 3,
             cuda=args.device.startswith("cuda"),
         )

@@ -1,7 +1,9 @@
 """Smoke test of the benchmarks: every case runs (``run_all.py --quick``) and reports its ratio.
 
 Timings are not asserted (they depend on the machine and its load), only that each benchmark
-ran and printed a well-formed row; plus unit tests of the timing harness.
+ran and printed a well-formed row; plus unit tests of the timing harness. The run of every case
+starts about ten fresh processes that each import torch (minutes on two cores), so it is marked
+slow; the default suite runs the runner on two cases.
 """
 
 from __future__ import annotations
@@ -23,21 +25,36 @@ import run_all  # noqa: E402
 STATUSES = {"PASS", "MISS", "info", "SKIP"}
 
 
-@pytest.fixture(scope="module")
-def quick_run(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+def _run_quick(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "run_all.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(BENCH / "run_all.py"), "--quick", "--json", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    return _run_quick(tmp_path_factory.mktemp("bench") / "results.json")
+
+
+def test_runner_on_two_cases(tmp_path: Path) -> None:
+    proc, result = _run_quick(tmp_path / "r.json", "--only", "forward_cnn,gpu")
+    rows = result["rows"]
+    assert {r["case"] for r in rows} == {"forward", "gpu"}
+    ours = next(r for r in rows if r["name"].endswith("ours / plain"))
+    assert ours["status"] in ("PASS", "MISS") and ours["goal"] == "<= 1.10"
+    assert f"{ours['value']:.2f}x" in proc.stdout
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in proc.stdout and "torch threads: 1" in proc.stdout
+    assert "median" in proc.stdout and "IQR" in proc.stdout
+
+
+@pytest.mark.slow
 def test_every_case_runs_and_reports(quick_run: tuple[Any, dict[str, Any]]) -> None:
     proc, result = quick_run
     rows = result["rows"]
@@ -57,6 +74,7 @@ def test_every_case_runs_and_reports(quick_run: tuple[Any, dict[str, Any]]) -> N
     assert "median" in out and "IQR" in out
 
 
+@pytest.mark.slow
 def test_ratios_of_every_goal_are_printed(quick_run: tuple[Any, dict[str, Any]]) -> None:
     proc, result = quick_run
     by_name = {f"{r['case']}: {r['name']}": r for r in result["rows"]}

@@ -134,3 +134,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from xai_sparsity.study import load_study, run_study
     from xai_sparsity.sweep import SweepResult, sweep
     from xai_sparsity.widgets import EpochScrubber, LayerExplorer, RunComparison, TrainingMonitor
+
+# ``capture`` and ``sweep`` name both a submodule and the function it defines. Importing the
+# submodule binds the package attribute to the module, so the functions are bound eagerly here
+# (after the submodule import) and ``xai_sparsity.capture(...)`` is always the function.
+from xai_sparsity.capture import capture  # noqa: E402
+from xai_sparsity.sweep import sweep  # noqa: E402

@@ -277,7 +277,10 @@ def test_experiment_arms_share_seed_and_order(tmp_path: Path) -> None:
     base, zero, pen = (runs[a].history() for a in ("baseline", "penalty@0", "penalty@2"))
     pd.testing.assert_frame_equal(base, zero)  # lambda 0: identical init, order and schedule
     assert "penalty" in pen.columns and "train_batch_sparsity:features.relu2" in pen.columns
-    assert runs["penalty@2"].config["penalty_layers_resolved"] == ["features.relu2"]
+    assert runs["penalty@2"].config["penalty_layers_resolved"] == [
+        "features.relu1",
+        "features.relu2",
+    ]
     assert (pen["sparsity:features.relu2"] < base["sparsity:features.relu2"]).all()
     assert json.loads((tmp_path / "experiment.json").read_text())["arms"] == [
         "baseline",

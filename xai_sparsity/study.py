@@ -374,7 +374,7 @@ def _row_for(r: StudyRun, out: Path, setting_keys: Sequence[str]) -> dict[str, A
 def write_summary(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> pd.DataFrame:
     """Write the summary table atomically (CSV) and return it."""
     df = pd.DataFrame(list(rows))
-    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.10g"))
     return df
 
 

@@ -251,16 +251,25 @@ class _ChunkedEntropy(torch.autograd.Function):
         tiny = torch.finfo(total.dtype).tiny
         grad_x = torch.empty_like(x)
         k = _chunk_rows(x)
-        buf = torch.empty((k, *x.shape[1:]), dtype=total.dtype, device=x.device)
+        shape = (k, *x.shape[1:])
+        direct = grad_x.dtype == total.dtype  # compute straight into grad_x, no copy
+        buf = None if direct else torch.empty(shape, dtype=total.dtype, device=x.device)
+        sign_dtype = x.dtype if ctx.transform == "abs" else torch.bool
+        sign = torch.empty(shape, dtype=sign_dtype, device=x.device)
         for start in range(0, x.shape[0], k):
             stop = start + k
             xc = x[start:stop]
-            a = buf if xc.shape[0] == k else buf[: xc.shape[0]]
+            n = xc.shape[0]
+            a = grad_x[start:stop] if buf is None else buf[:n]
             _load(xc, a, ctx.transform)
             a.div_(safe[start:stop]).clamp_min_(tiny).log_()
             a.add_(h_k[start:stop]).mul_(scale[start:stop])
-            a.mul_(torch.sign(xc) if ctx.transform == "abs" else xc > 0)
-            grad_x[start:stop].copy_(a)
+            if ctx.transform == "abs":
+                a.mul_(torch.sign(xc, out=sign[:n]))
+            else:
+                a.mul_(torch.gt(xc, 0, out=sign[:n]))
+            if buf is not None:
+                grad_x[start:stop].copy_(a)
         return grad_x, None, None
 
 

@@ -67,6 +67,16 @@ _EXPORTS: dict[str, str] = {
     "save_figure": "figures",
     "attribute": "attributions",
     "plot_attributions": "attributions",
+    # data, models, penalty, trainer, report
+    "load_data": "data",
+    "DataBundle": "data",
+    "make_model": "models",
+    "SparsityPenalty": "penalty",
+    "auto_targets": "penalty",
+    "TrainConfig": "training",
+    "train": "training",
+    "run_experiment": "training",
+    "write_report": "report",
     # widgets
     "LayerExplorer": "widgets",
     "TrainingMonitor": "widgets",
@@ -107,6 +117,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         filter_correlation,
         weight_similarity,
     )
+    from xai_sparsity.data import DataBundle, load_data
     from xai_sparsity.figures import (
         paper_style,
         plot_channel_sparsity,
@@ -129,10 +140,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         perplexity_sparsity,
         zero_fraction,
     )
+    from xai_sparsity.models import make_model
     from xai_sparsity.monitor import SparsityMonitor
+    from xai_sparsity.penalty import SparsityPenalty, auto_targets
+    from xai_sparsity.report import write_report
     from xai_sparsity.rundir import RunDir, load_history
     from xai_sparsity.study import load_study, run_study
     from xai_sparsity.sweep import SweepResult, sweep
+    from xai_sparsity.training import TrainConfig, run_experiment, train
     from xai_sparsity.widgets import EpochScrubber, LayerExplorer, RunComparison, TrainingMonitor
 
 # ``capture`` and ``sweep`` name both a submodule and the function it defines. Importing the

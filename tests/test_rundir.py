@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.rundir import RunDir, _atomic_file, atomic_write_json, load_history
+from xai_sparsity.rundir import RunDir, atomic_open, atomic_write_json, load_history
 
 
 def test_history_append_replace_and_truncate(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_arrays_and_checkpoints_round_trip(tmp_path: Path) -> None:
 def test_half_written_file_is_never_read_back(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     atomic_write_json(path, {"lr": 0.1})
-    with pytest.raises(RuntimeError), _atomic_file(path) as fh:
+    with pytest.raises(RuntimeError), atomic_open(path) as fh:
         fh.write(b'{"lr": 0.')  # a crash in the middle of the write ...
         raise RuntimeError("killed")
     assert RunDir(tmp_path).config == {"lr": 0.1}  # ... leaves the previous complete file

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -438,18 +437,10 @@ def plot_sparsity_heatmap(
 # --------------------------------------------------------------------------- saving
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temp file in ``path``'s folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from xai_sparsity.rundir import atomic_open
+
+    with atomic_open(path) as fh:
+        write(fh)
 
 
 def save_figure(

@@ -60,7 +60,11 @@ _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.npz$")
 
 # --------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def _atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -78,7 +82,7 @@ def _atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
-    with _atomic_file(Path(path), "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         fh.write(data)
 
 

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from xai_sparsity._errors import XaiSparsityError
-from xai_sparsity.rundir import RunDir, atomic_write_text
+from xai_sparsity.rundir import RunDir, atomic_open, atomic_write_text
 
 SUMMARY_NAME = "summary.csv"
 """File name of the study summary inside the study folder."""
@@ -847,10 +847,8 @@ def _figures(
     det = detection_runs(summary)
 
     def save(fig: Any, name: str) -> None:
-        path = folder / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_open(folder / name) as fh:
+            fig.savefig(fh, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
         made[name] = name
 
@@ -961,9 +959,8 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
     df = df[[(runs_dir / str(r) / "history.csv").exists() for r in df["run_id"]]]
 
     def save(fig: Any, name: str) -> None:
-        tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=70, bbox_inches="tight")
-        os.replace(tmp, folder / name)
+        with atomic_open(folder / name) as fh:
+            fig.savefig(fh, format="png", dpi=70, bbox_inches="tight")
         plt.close(fig)
         made[name] = name
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -403,20 +402,10 @@ class SweepResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as an ``.npz`` file atomically (temp file, fsync, rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sweep-", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.to_dict())  # type: ignore[arg-type]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from xai_sparsity.rundir import atomic_open
+
+        with atomic_open(path) as f:
+            np.savez(f, **self.to_dict())  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (

@@ -44,6 +44,7 @@ test-all: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]" || echo "torchlens did not install: its benchmark row will say SKIP"
 	$(PY) benchmarks/run_all.py
 
 study: setup

@@ -321,7 +321,7 @@ def write_report(
         "",
         "t_s: epoch where the layer's smoothed probe sparsity starts a sustained rise; lead = "
         "t_L - t_s (positive: sparsity rose before the test loss turned). Definitions: "
-        "docs/architecture.md and the project's science notes.",
+        "docs/definitions.md (onset and lead) and docs/science.md (the study of the claims).",
         "",
     ]
     layers = list(dict.fromkeys(leads["layer"])) if len(leads) else []

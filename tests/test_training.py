@@ -226,7 +226,7 @@ def test_half_written_files_are_never_read(
         if str(path).endswith("last.pt"):
             count["last"] += 1
             if count["last"] == 3:
-                with rundir._atomic_file(Path(str(path))) as fh:
+                with rundir.atomic_open(Path(str(path))) as fh:
                     fh.write(data[: len(data) // 2])  # half of the file is on disk...
                     raise OSError("disk full")  # ...when the process fails
         real(path, data)  # type: ignore[arg-type]

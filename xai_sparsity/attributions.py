@@ -57,18 +57,17 @@ TargetsLike = int | Sequence[int] | Tensor | np.ndarray | None
 @contextlib.contextmanager
 def _attribution_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and out-of-place activations for the block; both restored afterwards."""
-    training = [(m, m.training) for m in model.modules()]
+    from xai_sparsity.capture import _eval_mode
+
     inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    try:
-        model.eval()
-        for m in inplace:
-            m.inplace = False  # type: ignore[assignment]
-        yield
-    finally:
-        for m in inplace:
-            m.inplace = True  # type: ignore[assignment]
-        for m, flag in training:
-            m.training = flag
+    with _eval_mode(model):
+        try:
+            for m in inplace:
+                m.inplace = False  # type: ignore[assignment]
+            yield
+        finally:
+            for m in inplace:
+                m.inplace = True  # type: ignore[assignment]
 
 
 def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module]:

@@ -783,21 +783,19 @@ def plot_run_spatial_maps(
         import torch
 
         from xai_sparsity.attributions import attribute
-        from xai_sparsity.capture import capture
+        from xai_sparsity.capture import _eval_mode, capture
 
         x = torch.as_tensor(images, dtype=torch.float32)
         methods = [method] if isinstance(method, str) else list(method or [])
         attributions = {m: attribute(model, x, method=m) for m in methods} or None
         param = next(iter(model.parameters()), None)
-        states = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
-            with torch.no_grad(), capture(model, [layer], mode="keep", clone=True) as cap:
-                model(x.to(param.device) if param is not None else x)
-            features = cap.activations[layer]
-        finally:
-            for m, flag in states:
-                m.training = flag
+        with (
+            _eval_mode(model),
+            torch.no_grad(),
+            capture(model, [layer], mode="keep", clone=True) as cap,
+        ):
+            model(x.to(param.device) if param is not None else x)
+        features = cap.activations[layer]
     fig = plot_spatial_maps(
         images,
         maps,

@@ -194,14 +194,10 @@ def _expected_input(model: nn.Module) -> str:
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode and no autograd, each module's own flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    from xai_sparsity.capture import _eval_mode
+
+    with _eval_mode(model), torch.no_grad():
+        yield
 
 
 def _to_float(v: Any) -> float:

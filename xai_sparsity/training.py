@@ -707,14 +707,11 @@ def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
 
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    """Eval mode (each submodule's flag restored afterwards) and no autograd."""
+    from xai_sparsity.capture import _eval_mode
+
+    with _eval_mode(model), torch.no_grad():
+        yield
 
 
 def probe_statistics(

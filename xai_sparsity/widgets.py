@@ -34,6 +34,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ from xai_sparsity._errors import XaiSparsityError, check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -81,6 +83,7 @@ class _Panel:
 
         self.figure: Figure = Figure(figsize=figsize, dpi=dpi)
         self.image = _ipywidgets().Image(format="png")
+        self.renders = 0  # how many times PNG bytes were produced
 
     def draw(self, paint: Callable[[Figure], None]) -> None:
         """Clear the figure, let ``paint`` draw into it, and swap the PNG bytes in place."""
@@ -93,6 +96,88 @@ class _Panel:
         buf = io.BytesIO()
         self.figure.savefig(buf, format="png", metadata={"Software": None})
         self.image.value = buf.getvalue()
+        self.renders += 1
+
+
+@dataclass
+class _Scene:
+    """One layout of a :class:`_BlitPanel`: axes and artists built once, updated in place.
+
+    ``parts`` names the artists an update sets; ``dynamic`` lists, in drawing order, the artists
+    drawn over ``background`` (the figure rendered without them) on every update.
+    """
+
+    axes: list[Axes]
+    dynamic: list[Artist]
+    parts: dict[str, Any] = field(default_factory=dict)
+    background: Any = None
+
+
+class _BlitPanel(_Panel):
+    """A panel whose axes, ticks, labels and colorbars are drawn once per layout.
+
+    Each layout (a ``key``, e.g. the channel count) is a :class:`_Scene` built the first time it
+    is shown; the figure is rendered once without the scene's dynamic artists and that bitmap is
+    kept. An update sets the artists' data in place (``set_data``, ``set_height``,
+    ``set_text``), restores the bitmap, draws only the dynamic artists over it and encodes the
+    canvas as PNG (fast zlib level). The figure always holds the current state, so ``savefig``
+    on it still draws the full panel.
+    """
+
+    def __init__(self, figsize: tuple[float, float], margins: Mapping[str, float]) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        super().__init__(figsize)
+        self._canvas = FigureCanvasAgg(self.figure)
+        self.figure.subplots_adjust(**margins)
+        self._scenes: dict[Any, _Scene] = {}
+        self._shown: _Scene | None = None
+
+    def show(
+        self,
+        key: Any,
+        build: Callable[[Figure], _Scene],
+        update: Callable[[_Scene], None],
+    ) -> None:
+        """Show layout ``key`` (``build`` makes it on first use) after ``update`` set its data."""
+        scene = self._scenes.get(key)
+        if scene is None:
+            for old in self._scenes.values():
+                for ax in old.axes:
+                    ax.set_visible(False)
+            scene = self._scenes[key] = build(self.figure)
+            self._shown = scene
+        elif scene is not self._shown:
+            for other in self._scenes.values():
+                for ax in other.axes:
+                    ax.set_visible(other is scene)
+            self._shown = scene
+        update(scene)
+        canvas = self._canvas
+        if scene.background is None:
+            # animated artists are left out of a screen draw (not of savefig); hiding them
+            # instead would misplace axes titles, which are positioned from their extents
+            for artist in scene.dynamic:
+                artist.set_animated(True)
+            canvas.draw()
+            scene.background = canvas.copy_from_bbox(self.figure.bbox)
+            for artist in scene.dynamic:
+                artist.set_animated(False)
+        else:
+            canvas.restore_region(scene.background)
+        renderer = canvas.get_renderer()
+        for artist in scene.dynamic:
+            artist.draw(renderer)
+        self._encode()
+
+    def _encode(self) -> None:
+        from PIL import Image
+
+        rgba = np.asarray(self._canvas.buffer_rgba())
+        buf = io.BytesIO()
+        Image.fromarray(rgba, mode="RGBA").save(buf, format="png", compress_level=1)
+        self.image.value = buf.getvalue()
+        self.renders += 1
 
 
 def _display_image(image: Tensor | np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -285,6 +370,7 @@ class LayerExplorer(_Widget):
         self._logits: dict[int, Tensor] = {}
         self._correlation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._attr_cache: dict[tuple[int, str, str], np.ndarray] = {}
+        self._sparsity_cache: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}
         first = self._activations(0)
         call_order = {info.name: i for i, info in enumerate(self.layer_table)}
         self.layers = sorted(
@@ -337,14 +423,21 @@ class LayerExplorer(_Widget):
             "status": w.HTML(value=""),
         }
         size = (3.3, 3.0)
-        self._panels = {
-            "input": _Panel(size),
-            "feature_maps": _Panel(size),
-            "channel_sparsity": _Panel(size),
-            "spatial": _Panel(size),
-            "correlation": _Panel(size),
-            "attribution": _Panel(size),
+        image_margins = {"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.9}
+        overlay_margins = {"left": 0.02, "right": 0.9, "bottom": 0.02, "top": 0.9}
+        self._views: dict[str, _BlitPanel] = {
+            "input": _BlitPanel(size, image_margins),
+            "feature_maps": _BlitPanel(size, image_margins),
+            "channel_sparsity": _BlitPanel(
+                size, {"left": 0.17, "right": 0.97, "bottom": 0.15, "top": 0.9}
+            ),
+            "spatial": _BlitPanel(size, overlay_margins),
+            "correlation": _BlitPanel(
+                size, {"left": 0.15, "right": 0.86, "bottom": 0.14, "top": 0.9}
+            ),
+            "attribution": _BlitPanel(size, overlay_margins),
         }
+        self._panels = dict(self._views)
         c = self.controls
         p = {k: v.image for k, v in self._panels.items()}
         self.widget = w.VBox(
@@ -538,18 +631,29 @@ class LayerExplorer(_Widget):
 
     # -- drawing -----------------------------------------------------------------------------
 
-    def _redraw(self, panels: set[str]) -> None:
+    def _sparsity(self, index: int, layer: str) -> tuple[float, np.ndarray, np.ndarray]:
+        """Layer, (C,) channel and (H, W) spatial perplexity sparsity of one image (cached)."""
+        key = (index, layer)
+        hit = self._sparsity_cache.get(key)
+        if hit is not None:
+            return hit
         from xai_sparsity.measures import perplexity_sparsity
 
+        act = self._activations(index)[layer]
+        result = (
+            float(perplexity_sparsity(act, scope="layer")[0]),
+            perplexity_sparsity(act, scope="channel")[0].numpy(),
+            perplexity_sparsity(act, scope="spatial")[0].numpy(),
+        )
+        self._sparsity_cache[key] = result
+        return result
+
+    def _redraw(self, panels: set[str]) -> None:
         s = self.state
         act = self._activations(s["image"])[s["layer"]]
-        layer_s = float(perplexity_sparsity(act, scope="layer")[0])
-        channel_s = perplexity_sparsity(act, scope="channel")[0].numpy()
-        spatial_s = perplexity_sparsity(act, scope="spatial")[0].numpy()
-        image = self.inputs[s["image"]]
-        target = self._target(s["image"])
+        layer_s, channel_s, spatial_s = self._sparsity(s["image"], s["layer"])
         try:
-            self._draw(panels, s, act, layer_s, channel_s, spatial_s, image, target)
+            self._draw(panels, s, act, layer_s, channel_s, spatial_s)
         except Exception as exc:
             self._status(f"<span style='color:{_HIGHLIGHT}'>error: {exc}</span>")
             raise
@@ -559,6 +663,11 @@ class LayerExplorer(_Widget):
             f"{channel_s[s['channel']]:.3f}"
         )
 
+    def _base(self, index: int) -> np.ndarray:
+        """(H, W) grey version of image ``index`` in [0, 1] (under the overlays)."""
+        base, _ = _display_image(self.inputs[index])
+        return base.mean(axis=-1) if base.ndim == 3 else base
+
     def _draw(
         self,
         panels: set[str],
@@ -567,121 +676,166 @@ class LayerExplorer(_Widget):
         layer_s: float,
         channel_s: np.ndarray,
         spatial_s: np.ndarray,
-        image: Tensor,
-        target: int,
     ) -> None:
-        layer, ch = s["layer"], s["channel"]
+        """Update the artists of ``panels`` in place and re-encode only those panels."""
+        layer, ch, index = s["layer"], s["channel"], s["image"]
+        height, width = int(self.inputs.shape[2]), int(self.inputs.shape[3])
+        blank = np.zeros((height, width))
 
-        def paint_input(fig: Figure) -> None:
-            ax = fig.add_subplot()
-            arr, cmap = _display_image(image)
-            ax.imshow(arr, cmap=cmap)
-            parts = [f"image {s['image']}"]
+        def title(scene: _Scene, text: str) -> None:
+            scene.parts["title"].set_text(text)
+
+        def overlay_scene(cmap: str) -> Callable[[Figure], _Scene]:
+            def build(fig: Figure) -> _Scene:
+                ax = fig.add_subplot()
+                base = ax.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0)
+                heat = ax.imshow(blank, cmap=cmap, vmin=0.0, vmax=1.0, alpha=0.55)
+                ax.set_axis_off()
+                head = ax.set_title(" ", fontsize=9)
+                bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+                bar.ax.tick_params(labelsize=7)
+                return _Scene(
+                    [ax, bar.ax], [base, heat, head], {"base": base, "heat": heat, "title": head}
+                )
+
+            return build
+
+        def update_input(scene: _Scene) -> None:
+            arr, _ = _display_image(self.inputs[index])
+            scene.parts["image"].set_data(arr)
+            parts = [f"image {index}"]
             if self.labels is not None:
-                parts.append(f"label {self._class_name(int(self.labels[s['image']]))}")
-            logits = self._logits.get(s["image"])
+                parts.append(f"label {self._class_name(int(self.labels[index]))}")
+            logits = self._logits.get(index)
             if logits is not None and logits.numel() > 1:
                 parts.append(f"pred {self._class_name(int(logits.argmax()))}")
-            ax.set_title(", ".join(parts), fontsize=9)
-            ax.set_axis_off()
-            fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9)
+            title(scene, ", ".join(parts))
 
-        def paint_maps(fig: Figure) -> None:
-            # one mosaic image in one axes: far cheaper to draw than a grid of subplots
+        def build_input(fig: Figure) -> _Scene:
+            ax = fig.add_subplot()
+            arr, cmap = _display_image(self.inputs[0])
+            im = ax.imshow(arr, cmap=cmap, vmin=0.0, vmax=1.0)
+            ax.set_axis_off()
+            head = ax.set_title(" ", fontsize=9)
+            return _Scene([ax], [im, head], {"image": im, "title": head})
+
+        # feature maps: one mosaic image in one axes (far cheaper than a grid of subplots)
+        channels, h, w = (int(n) for n in act.shape[1:])
+        start = (ch // self.max_maps) * self.max_maps
+        idx = list(range(start, min(start + self.max_maps, channels)))
+        cols = math.ceil(math.sqrt(len(idx)))
+        rows = math.ceil(len(idx) / cols)
+        pad_h, pad_w = max(1, round(h * 0.35)), max(1, round(w * 0.1))
+
+        def corner(k: int) -> tuple[int, int]:
+            return (k // cols) * (h + pad_h) + pad_h, (k % cols) * (w + pad_w)
+
+        def build_maps(fig: Figure) -> _Scene:
             from matplotlib.patches import Rectangle
 
-            channels = act.shape[1]
-            start = (ch // self.max_maps) * self.max_maps
-            idx = list(range(start, min(start + self.max_maps, channels)))
-            cols = math.ceil(math.sqrt(len(idx)))
-            rows = math.ceil(len(idx) / cols)
-            maps = act[0, idx].numpy().astype(np.float64)
-            h, w = maps.shape[1:]
-            pad_h, pad_w = max(1, round(h * 0.35)), max(1, round(w * 0.1))
-            mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
             ax = fig.add_subplot()
+            mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
+            im = ax.imshow(mosaic, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            frame = ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, ec=_HIGHLIGHT, lw=2.5))
+            labels = []
+            for k in range(len(idx)):
+                r0, c0 = corner(k)
+                labels.append(ax.text(c0, r0 - 0.5, " ", fontsize=7, va="bottom"))
+            ax.set_axis_off()
+            head = ax.set_title(" ", fontsize=9)
+            parts = {"image": im, "frame": frame, "labels": labels, "title": head}
+            return _Scene([ax], [im, frame, *labels, head], parts)
+
+        def update_maps(scene: _Scene) -> None:
+            maps = act[0, idx].numpy().astype(np.float64)
+            mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
             for k, c in enumerate(idx):
-                r0, c0 = (k // cols) * (h + pad_h) + pad_h, (k % cols) * (w + pad_w)
+                r0, c0 = corner(k)
                 mosaic[r0 : r0 + h, c0 : c0 + w] = maps[k]
-                ax.text(c0, r0 - 0.5, f"{c}: {channel_s[c]:.2f}", fontsize=7, va="bottom")
+                scene.parts["labels"][k].set_text(f"{c}: {channel_s[c]:.2f}")
                 if c == ch:
-                    ax.add_patch(
-                        Rectangle((c0 - 0.5, r0 - 0.5), w, h, fill=False, ec=_HIGHLIGHT, lw=2.5)
-                    )
+                    scene.parts["frame"].set_xy((c0 - 0.5, r0 - 0.5))
             lo, hi = float(np.nanmin(mosaic)), float(np.nanmax(mosaic))
-            ax.imshow(
-                mosaic,
-                cmap="viridis",
-                vmin=lo,
-                vmax=hi if hi > lo else lo + 1,
+            scene.parts["image"].set_data(mosaic)
+            scene.parts["image"].set_clim(lo, hi if hi > lo else lo + 1)
+            title(scene, f"{layer}: channels {idx[0]}-{idx[-1]} of {channels}")
+
+        def build_channels(fig: Figure) -> _Scene:
+            ax = fig.add_subplot()
+            bars = ax.bar(np.arange(channels), np.zeros(channels), color=_NEUTRAL, width=0.85)
+            ax.set_ylim(0.0, 1.0)
+            ax.set_xlim(-0.6, channels - 0.4)
+            ax.set_xlabel("channel", fontsize=8)
+            ax.set_ylabel("sparsity", fontsize=8)
+            ax.tick_params(labelsize=7)
+            line = ax.axhline(0.0, color="black", lw=1, ls="--", label="layer 0.00")
+            legend = ax.legend(fontsize=7, loc="lower right")
+            head = ax.set_title(" ", fontsize=9)
+            spines = list(ax.spines.values())
+            parts = {"bars": list(bars.patches), "line": line, "legend": legend, "title": head}
+            return _Scene([ax], [*bars.patches, line, *spines, legend, head], parts)
+
+        def update_channels(scene: _Scene) -> None:
+            for c, bar in enumerate(scene.parts["bars"]):
+                bar.set_height(float(channel_s[c]))
+                bar.set_facecolor(_HIGHLIGHT if c == ch else _NEUTRAL)
+            scene.parts["line"].set_ydata([layer_s, layer_s])
+            scene.parts["legend"].get_texts()[0].set_text(f"layer {layer_s:.2f}")
+            title(scene, f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})")
+
+        def update_spatial(scene: _Scene) -> None:
+            scene.parts["base"].set_data(self._base(index))
+            scene.parts["heat"].set_data(_upsample(spatial_s, (height, width)))
+            title(
+                scene,
+                f"spatial sparsity {tuple(spatial_s.shape)}, mean {spatial_s.mean():.2f}",
+            )
+
+        def build_correlation(fig: Figure) -> _Scene:
+            ax = fig.add_subplot()
+            im = ax.imshow(
+                np.zeros((channels, channels)),
+                cmap=_DIV_CMAP,
+                vmin=-1.0,
+                vmax=1.0,
                 interpolation="nearest",
             )
-            ax.set_axis_off()
-            ax.set_title(f"{layer}: channels {idx[0]}-{idx[-1]} of {channels}", fontsize=9)
-            fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9)
+            ax.set_xlabel("channel", fontsize=8)
+            ax.set_ylabel("channel", fontsize=8)
+            ax.tick_params(labelsize=7)
+            head = ax.set_title(" ", fontsize=9)
+            bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            bar.ax.tick_params(labelsize=7)
+            spines = list(ax.spines.values())
+            return _Scene([ax, bar.ax], [im, *spines, head], {"image": im, "title": head})
 
-        def paint_channels(fig: Figure) -> None:
-            ax = fig.add_subplot()
-            _bars(
-                ax, channel_s, ch, title=f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})"
-            )
-            ax.axhline(layer_s, color="black", lw=1, ls="--", label=f"layer {layer_s:.2f}")
-            ax.legend(fontsize=7, loc="lower right")
-            fig.subplots_adjust(left=0.17, right=0.97, bottom=0.15, top=0.9)
-
-        def paint_spatial(fig: Figure) -> None:
-            ax = fig.add_subplot()
-            art = _overlay(
-                ax,
-                image,
-                spatial_s,
-                cmap=_SEQ_CMAP,
-                vmin=0.0,
-                vmax=1.0,
-                title=f"spatial sparsity {tuple(spatial_s.shape)}, mean {spatial_s.mean():.2f}",
-            )
-            fig.colorbar(art, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-            fig.subplots_adjust(left=0.02, right=0.9, bottom=0.02, top=0.9)
-
-        def paint_correlation(fig: Figure) -> None:
+        def update_correlation(scene: _Scene) -> None:
             r, dead = self._layer_correlation(layer)
-            ax = fig.add_subplot()
-            _correlation_image(
-                fig,
-                ax,
-                r,
-                f"{layer}: mean |r| {_mean_abs_offdiag(r, dead):.2f}, dead {int(dead.sum())}",
+            scene.parts["image"].set_data(r)
+            title(
+                scene, f"{layer}: mean |r| {_mean_abs_offdiag(r, dead):.2f}, dead {int(dead.sum())}"
             )
-            fig.subplots_adjust(left=0.15, right=0.86, bottom=0.14, top=0.9)
 
-        def paint_attribution(fig: Figure) -> None:
-            amap = self._attribution(s["image"], s["method"], layer)
+        def update_attribution(scene: _Scene) -> None:
+            amap = self._attribution(index, s["method"], layer)
             scale = float(np.abs(amap).max())
             heat = np.abs(amap) / scale if scale > 0 else np.zeros_like(amap)
-            ax = fig.add_subplot()
-            art = _overlay(
-                ax,
-                image,
-                heat,
-                cmap=_ATTR_CMAP,
-                vmin=0.0,
-                vmax=1.0,
-                title=f"{s['method']} for class {self._class_name(target)}",
-            )
-            fig.colorbar(art, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-            fig.subplots_adjust(left=0.02, right=0.9, bottom=0.02, top=0.9)
+            scene.parts["base"].set_data(self._base(index))
+            scene.parts["heat"].set_data(_upsample(heat, (height, width)))
+            title(scene, f"{s['method']} for class {self._class_name(self._target(index))}")
 
-        painters: dict[str, Callable[[Figure], None]] = {
-            "input": paint_input,
-            "feature_maps": paint_maps,
-            "channel_sparsity": paint_channels,
-            "spatial": paint_spatial,
-            "correlation": paint_correlation,
-            "attribution": paint_attribution,
+        views: dict[str, tuple[Any, Callable[[Figure], _Scene], Callable[[_Scene], None]]] = {
+            "input": (None, build_input, update_input),
+            "feature_maps": ((channels, h, w, start), build_maps, update_maps),
+            "channel_sparsity": (channels, build_channels, update_channels),
+            "spatial": (None, overlay_scene(_SEQ_CMAP), update_spatial),
+            "correlation": (channels, build_correlation, update_correlation),
+            "attribution": (None, overlay_scene(_ATTR_CMAP), update_attribution),
         }
-        for name in self._panels:
+        for name, panel in self._views.items():
             if name in panels:
-                self._panels[name].draw(painters[name])
+                key, build, update = views[name]
+                panel.show(key, build, update)
 
 
 # ----------------------------------------------------------------------------- TrainingMonitor

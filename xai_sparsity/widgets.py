@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
     from xai_sparsity.analysis import EarlyWarning
 
@@ -97,6 +98,87 @@ class _Panel:
         self.figure.savefig(buf, format="png", metadata={"Software": None})
         self.image.value = buf.getvalue()
         self.renders += 1
+
+
+class _TextStamps:
+    """Bitmaps of rendered texts, pasted at whole-pixel anchors instead of re-rendering them.
+
+    Laying out and rasterising glyphs costs about 2 ms per text in matplotlib's Agg backend, the
+    larger part of a blitted update; a panel's labels repeat (values with two decimals, titles of
+    revisited images), so each distinct text is rasterised once into an RGBA stamp and later
+    drawn with one ``draw_image``. The anchor is rounded to a whole pixel (a shift under half a
+    pixel); multi-line texts and those with a bbox patch, path effects or TeX are drawn
+    normally.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._stamps: dict[tuple[Any, ...], tuple[np.ndarray, int, int]] = {}
+
+    def draw(self, text: Text, renderer: Any) -> None:
+        """Draw ``text`` on the Agg ``renderer`` (as ``text.draw(renderer)`` does)."""
+        figure = text.get_figure(root=True)
+        if (
+            figure is None
+            or not text.get_visible()
+            or not text.get_text()
+            or "\n" in text.get_text()
+            or text.get_bbox_patch() is not None
+            or text.get_path_effects()
+            or text.get_usetex()
+        ):
+            text.draw(renderer)
+            return
+        from matplotlib.colors import to_rgba
+
+        x, y = text.get_transform().transform(text.get_unitless_position())
+        if not (np.isfinite(x) and np.isfinite(y)):
+            return
+        key = (
+            text.get_text(),
+            text.get_fontproperties(),
+            to_rgba(text.get_color(), text.get_alpha()),
+            text.get_horizontalalignment(),
+            text.get_verticalalignment(),
+            text.get_rotation(),
+            text.get_rotation_mode(),
+            renderer.dpi,
+        )
+        stamp = self._stamps.get(key)
+        if stamp is None:
+            if len(self._stamps) >= self.limit:
+                self._stamps.clear()
+            stamp = self._stamps[key] = self._render(text, figure, renderer.dpi)
+        rgba, px, py = stamp
+        gc = renderer.new_gc()
+        renderer.draw_image(gc, round(x) - px, round(y) - py, rgba)
+        gc.restore()
+
+    @staticmethod
+    def _render(text: Text, figure: Any, dpi: float) -> tuple[np.ndarray, int, int]:
+        """(H, W, 4) RGBA stamp of ``text`` and its anchor (pixels from left, from bottom)."""
+        from matplotlib.backends.backend_agg import RendererAgg
+        from matplotlib.text import Text
+        from matplotlib.transforms import IdentityTransform
+
+        scratch = Text()
+        scratch.update_from(text)
+        scratch.set_text(text.get_text())
+        scratch.set_transform(IdentityTransform())
+        scratch.set_figure(figure)
+        scratch.set_position((0.0, 0.0))
+        probe = RendererAgg(8, 8, dpi)
+        box = scratch.get_window_extent(probe, dpi=dpi)
+        px, py = math.ceil(-box.x0) + 2, math.ceil(-box.y0) + 2
+        width, height = math.ceil(box.x1) + px + 2, math.ceil(box.y1) + py + 2
+        canvas = RendererAgg(width, height, dpi)
+        scratch.set_position((float(px), float(py)))
+        scratch.draw(canvas)
+        # draw_image takes rows bottom-up
+        return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[::-1]), px, py
+
+
+_STAMPS = _TextStamps()
 
 
 @dataclass
@@ -165,9 +247,14 @@ class _BlitPanel(_Panel):
                 artist.set_animated(False)
         else:
             canvas.restore_region(scene.background)
+        from matplotlib.text import Text
+
         renderer = canvas.get_renderer()
         for artist in scene.dynamic:
-            artist.draw(renderer)
+            if type(artist) is Text:
+                _STAMPS.draw(artist, renderer)
+            else:
+                artist.draw(renderer)
         self._encode()
 
     def _encode(self) -> None:

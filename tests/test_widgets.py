@@ -6,6 +6,7 @@ callbacks must read their state from the widget, not from notebook variables.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,60 @@ def test_explorer_every_channel_of_one_layer(explorer: LayerExplorer) -> None:
         explorer.controls["channel"].value = channel
         _changed(before, explorer.rendered, ["feature_maps", "channel_sparsity"])
         assert explorer.rendered["attribution"] == before["attribution"]
+
+
+def _renders(ex: LayerExplorer) -> dict[str, int]:
+    return {name: panel.renders for name, panel in ex._panels.items()}
+
+
+def test_explorer_redraws_only_the_panels_a_change_affects(
+    model: nn.Module, images: torch.Tensor
+) -> None:
+    ex = LayerExplorer(model, images, labels=[0, 1, 2, 0], methods=("saliency", "gradcam"))
+    swaps = dict.fromkeys(ex._panels, 0)
+    for name, panel in ex._panels.items():
+        panel.image.observe(lambda _, n=name: swaps.__setitem__(n, swaps[n] + 1), names="value")
+
+    def step(panels: set[str], **change: Any) -> None:
+        before, seen = _renders(ex), dict(swaps)
+        ex.select(**change)
+        after = _renders(ex)
+        for name in ex._panels:
+            expected = before[name] + (name in panels)
+            assert after[name] == expected, f"{change}: panel {name!r} rendered {after[name]}"
+            if name not in panels:
+                assert swaps[name] == seen[name], f"{change}: {name!r} bytes were replaced"
+
+    per_image = {"input", "feature_maps", "channel_sparsity", "spatial", "attribution"}
+    per_layer = {"feature_maps", "channel_sparsity", "spatial", "correlation"}
+    step(per_image, image=1)  # the correlation depends on the layer only
+    step(per_image, image=2)
+    step(per_layer, layer=ex.layers[1])  # saliency does not depend on the layer
+    step(per_layer, layer=ex.layers[3])  # a new channel count: a new layout
+    step(per_layer, layer=ex.layers[0])  # back to a layout built before
+    step({"feature_maps", "channel_sparsity"}, channel=2)
+    step({"attribution"}, method="gradcam")
+    step(per_layer | {"attribution"}, layer=ex.layers[2])  # Grad-CAM follows the layer
+    step(per_image, image=0)
+
+
+def test_explorer_blitted_panels_match_a_full_redraw(
+    model: nn.Module, images: torch.Tensor
+) -> None:
+    from PIL import Image
+
+    ex = LayerExplorer(model, images, labels=[0, 1, 2, 0], methods=("saliency",))
+    for layer in [*ex.layers, ex.layers[0], ex.layers[-1]]:
+        ex.select(layer=layer, image=(ex.state["image"] + 1) % images.shape[0], channel=1)
+    for name, png in ex.rendered.items():
+        buf = io.BytesIO()
+        ex.figures[name].savefig(buf, format="png")
+        shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
+        full = np.asarray(Image.open(buf).convert("RGB"), dtype=float)
+        assert shown.shape == full.shape
+        # texts are pasted at whole pixels, so edges of glyphs may differ slightly
+        assert np.abs(shown - full).mean() < 2.0, name
+        assert (np.abs(shown - full).max(axis=-1) > 64).mean() < 0.02, name
 
 
 def test_explorer_caches_one_forward_per_image(model: nn.Module, images: torch.Tensor) -> None:

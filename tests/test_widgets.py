@@ -29,7 +29,7 @@ from xai_sparsity.widgets import (
 )
 
 
-def small_cnn() -> nn.Module:
+def small_cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(1, 6, 3, padding=1),
@@ -173,8 +173,14 @@ def test_explorer_blitted_panels_match_a_full_redraw(
     from PIL import Image
 
     ex = LayerExplorer(model, images, labels=[0, 1, 2, 0], methods=("saliency",))
+    ex._views["correlation"].max_scenes = 1  # layouts are dropped and built again
     for layer in [*ex.layers, ex.layers[0], ex.layers[-1]]:
         ex.select(layer=layer, image=(ex.state["image"] + 1) % images.shape[0], channel=1)
+    assert len(ex._views["correlation"]._scenes) == 1
+    assert len(ex.figures["correlation"].axes) == 2  # the matrix and its colorbar
+    ex.figures["spatial"].set_size_inches(4.0, 3.0)  # a resized figure: its bitmaps are stale
+    ex.select(image=(ex.state["image"] + 1) % images.shape[0])
+    assert Image.open(io.BytesIO(ex.rendered["spatial"])).size == (288, 216)
     for name, png in ex.rendered.items():
         buf = io.BytesIO()
         ex.figures[name].savefig(buf, format="png")
@@ -207,13 +213,13 @@ def test_explorer_caches_one_forward_per_image(model: nn.Module, images: torch.T
 def test_explorer_restores_train_mode_and_batchnorm(images: torch.Tensor) -> None:
     net = small_cnn().train()
     bn = net[1]
-    assert isinstance(bn, nn.BatchNorm2d)
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
     mean = bn.running_mean.clone()
     ex = LayerExplorer(net, images, methods=("saliency", "gradcam"))
     ex.select(layer=ex.layers[-1], method="gradcam")
     ex.select(image=1)
     assert net.training and all(m.training for m in net.modules())
-    assert torch.equal(bn.running_mean, mean)
+    assert bn.running_mean is not None and torch.equal(bn.running_mean, mean)
 
 
 def test_callbacks_read_state_from_the_widget_only(images: torch.Tensor) -> None:

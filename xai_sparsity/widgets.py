@@ -186,7 +186,8 @@ class _Scene:
     """One layout of a :class:`_BlitPanel`: axes and artists built once, updated in place.
 
     ``parts`` names the artists an update sets; ``dynamic`` lists, in drawing order, the artists
-    drawn over ``background`` (the figure rendered without them) on every update.
+    drawn over ``background`` (the figure rendered without them, with the canvas width, height
+    and dpi it was rendered at) on every update.
     """
 
     axes: list[Axes]
@@ -215,6 +216,8 @@ class _BlitPanel(_Panel):
         self._scenes: dict[Any, _Scene] = {}
         self._shown: _Scene | None = None
 
+    max_scenes = 16  # layouts kept per panel (least recently shown ones are dropped)
+
     def show(
         self,
         key: Any,
@@ -222,33 +225,39 @@ class _BlitPanel(_Panel):
         update: Callable[[_Scene], None],
     ) -> None:
         """Show layout ``key`` (``build`` makes it on first use) after ``update`` set its data."""
-        scene = self._scenes.get(key)
+        from matplotlib.text import Text
+
+        scene = self._scenes.pop(key, None)
         if scene is None:
             for old in self._scenes.values():
                 for ax in old.axes:
                     ax.set_visible(False)
-            scene = self._scenes[key] = build(self.figure)
-            self._shown = scene
+            scene = build(self.figure)
         elif scene is not self._shown:
             for other in self._scenes.values():
                 for ax in other.axes:
-                    ax.set_visible(other is scene)
-            self._shown = scene
+                    ax.set_visible(False)
+            for ax in scene.axes:
+                ax.set_visible(True)
+        self._scenes[key] = scene  # most recently shown last
+        self._shown = scene
+        while len(self._scenes) > self.max_scenes:
+            for ax in self._scenes.pop(next(iter(self._scenes))).axes:
+                ax.remove()
         update(scene)
         canvas = self._canvas
-        if scene.background is None:
+        size = (*canvas.get_width_height(physical=True), self.figure.dpi)
+        if scene.background is None or scene.background[0] != size:
             # animated artists are left out of a screen draw (not of savefig); hiding them
             # instead would misplace axes titles, which are positioned from their extents
             for artist in scene.dynamic:
                 artist.set_animated(True)
             canvas.draw()
-            scene.background = canvas.copy_from_bbox(self.figure.bbox)
+            scene.background = (size, canvas.copy_from_bbox(self.figure.bbox))
             for artist in scene.dynamic:
                 artist.set_animated(False)
         else:
-            canvas.restore_region(scene.background)
-        from matplotlib.text import Text
-
+            canvas.restore_region(scene.background[1])
         renderer = canvas.get_renderer()
         for artist in scene.dynamic:
             if type(artist) is Text:

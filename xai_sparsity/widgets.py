@@ -114,6 +114,7 @@ class _TextStamps:
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self._stamps: dict[tuple[Any, ...], tuple[np.ndarray, int, int]] = {}
+        self._scratch: Any = None  # RendererAgg the stamps are drawn on
 
     def draw(self, text: Text, renderer: Any) -> None:
         """Draw ``text`` on the Agg ``renderer`` (as ``text.draw(renderer)`` does)."""
@@ -154,8 +155,7 @@ class _TextStamps:
         renderer.draw_image(gc, round(x) - px, round(y) - py, rgba)
         gc.restore()
 
-    @staticmethod
-    def _render(text: Text, figure: Any, dpi: float) -> tuple[np.ndarray, int, int]:
+    def _render(self, text: Text, figure: Any, dpi: float) -> tuple[np.ndarray, int, int]:
         """(H, W, 4) RGBA stamp of ``text`` and its anchor (pixels from left, from bottom)."""
         from matplotlib.backends.backend_agg import RendererAgg
         from matplotlib.text import Text
@@ -167,15 +167,20 @@ class _TextStamps:
         scratch.set_transform(IdentityTransform())
         scratch.set_figure(figure)
         scratch.set_position((0.0, 0.0))
-        probe = RendererAgg(8, 8, dpi)
-        box = scratch.get_window_extent(probe, dpi=dpi)
+        # one reused scratch renderer: matplotlib caches text metrics per renderer
+        canvas = self._scratch
+        if canvas is None or canvas.dpi != dpi:
+            canvas = self._scratch = RendererAgg(640, 96, dpi)
+        box = scratch.get_window_extent(canvas, dpi=dpi)
         px, py = math.ceil(-box.x0) + 2, math.ceil(-box.y0) + 2
         width, height = math.ceil(box.x1) + px + 2, math.ceil(box.y1) + py + 2
-        canvas = RendererAgg(width, height, dpi)
+        if width > canvas.width or height > canvas.height:
+            canvas = RendererAgg(max(width, 640), max(height, 96), dpi)
+        canvas.clear()
         scratch.set_position((float(px), float(py)))
         scratch.draw(canvas)
-        # draw_image takes rows bottom-up
-        return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[::-1]), px, py
+        rows = np.asarray(canvas.buffer_rgba())[int(canvas.height) - height :, :width]
+        return np.ascontiguousarray(rows[::-1]), px, py  # draw_image takes rows bottom-up
 
 
 _STAMPS = _TextStamps()
@@ -828,15 +833,21 @@ class LayerExplorer(_Widget):
 
         def build_maps(fig: Figure) -> _Scene:
             from matplotlib.patches import Rectangle
+            from matplotlib.transforms import offset_copy
 
+            renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
             ax = fig.add_subplot()
             mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
             im = ax.imshow(mosaic, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
             frame = ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, ec=_HIGHLIGHT, lw=2.5))
+            # "c:" is part of the layout; the value after it is one of few texts (two decimals)
             labels = []
-            for k in range(len(idx)):
+            for k, c in enumerate(idx):
                 r0, c0 = corner(k)
-                labels.append(ax.text(c0, r0 - 0.5, " ", fontsize=7, va="bottom"))
+                prefix = ax.text(c0, r0 - 0.5, f"{c}:", fontsize=7, va="bottom")
+                shift = prefix.get_window_extent(renderer).width * 72.0 / fig.dpi
+                after = offset_copy(ax.transData, fig=fig, x=shift, units="points")
+                labels.append(ax.text(c0, r0 - 0.5, " ", fontsize=7, va="bottom", transform=after))
             ax.set_axis_off()
             head = ax.set_title(" ", fontsize=9)
             parts = {"image": im, "frame": frame, "labels": labels, "title": head}
@@ -848,7 +859,7 @@ class LayerExplorer(_Widget):
             for k, c in enumerate(idx):
                 r0, c0 = corner(k)
                 mosaic[r0 : r0 + h, c0 : c0 + w] = maps[k]
-                scene.parts["labels"][k].set_text(f"{c}: {channel_s[c]:.2f}")
+                scene.parts["labels"][k].set_text(f" {channel_s[c]:.2f}")
                 if c == ch:
                     scene.parts["frame"].set_xy((c0 - 0.5, r0 - 0.5))
             lo, hi = float(np.nanmin(mosaic)), float(np.nanmax(mosaic))

@@ -111,7 +111,7 @@ class _TextStamps:
     normally.
     """
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = 1024) -> None:
         self.limit = limit
         self._stamps: dict[tuple[Any, ...], tuple[np.ndarray, int, int]] = {}
         self._scratch: Any = None  # RendererAgg the stamps are drawn on

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import html
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -544,13 +545,19 @@ def _check_measure_options(
 def _scope_applies(scope: str, out: Tensor) -> bool:
     """Whether ``scope`` gives N >= 2 units for ``out`` (B, C, ...): (B, F) outputs have no
     channel/spatial scope, a 1x1 map no channel scope, a one-channel map no spatial scope."""
+    shape = out.shape
     if scope == "layer":
-        return out[0].numel() >= 2 if out.dim() >= 2 else False
+        return math.prod(shape[1:]) >= 2 if out.dim() >= 2 else False
     if out.dim() < 3:
         return False
     if scope == "channel":
-        return out[0, 0].numel() >= 2
-    return out.shape[1] >= 2
+        return math.prod(shape[2:]) >= 2
+    return shape[1] >= 2
+
+
+_RELU_FEEDS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+"""Per model: the layers whose output a selected ``nn.ReLU`` takes as input, learnt by reduce-mode
+captures (a hint only: every use is checked by tensor identity and version)."""
 
 
 def _hook(ref: weakref.ReferenceType[Capture], name: str) -> Callable[..., None]:
@@ -558,7 +565,7 @@ def _hook(ref: weakref.ReferenceType[Capture], name: str) -> Callable[..., None]
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         cap = ref()
         if cap is not None:
-            cap._record(name, output)
+            cap._record(name, output, module, args)
 
     return hook
 
@@ -610,8 +617,14 @@ class Capture:
         reduce_fn: Callable[[str, Tensor], None] | None = None,
         on_reuse: str = "per_call",
         check_finite: bool = True,
+        kernel: str | None = None,
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
+        if kernel is not None:
+            from xai_sparsity.kernels import KERNELS
+
+            check_choice("kernel", kernel, KERNELS)
+        self.kernel = kernel
         self.on_reuse = check_choice("on_reuse", on_reuse, ON_REUSE)
         if isinstance(measures, str):
             measures = (measures,)
@@ -664,6 +677,12 @@ class Capture:
         self._calls: dict[str, int] = {}
         self._forwards = 0
         self._pending_sync = False
+        self._fast = self._fast_plan()
+        # conv -> ReLU sharing (see _record): the last measured output, the layers whose output
+        # a measured ReLU consumes, and the relu(x) sums of the last such output
+        self._last: tuple[str, weakref.ReferenceType[Tensor], int] | None = None
+        self._feeds_relu: set[str] = _RELU_FEEDS.setdefault(self._root, set())
+        self._pos_sums: tuple[weakref.ReferenceType[Tensor], int, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -761,7 +780,86 @@ class Capture:
         self._pending_sync = True
         return t.to("cpu", non_blocking=True)
 
-    def _record(self, name: str, output: Any) -> None:
+    def _fast_plan(self) -> list[tuple[str, str, str, str]]:
+        """(measure, scope, kind, transform) of the requested values that the unit-sums kernel
+        computes (entropy measures, layer and channel scope); the rest go through the measure
+        functions."""
+        if self.mode != "reduce" or self.differentiable:
+            return []
+        plan: list[tuple[str, str, str, str]] = []
+        for m in self.measures:
+            if m not in ("perplexity", "entropy"):
+                continue
+            opts = self.measure_options.get(m, {})
+            kind = "entropy" if m == "entropy" else str(opts.get("variant", "normalized"))
+            transform = str(opts.get("transform", "abs"))
+            if kind not in ("normalized", "relative", "entropy") or transform not in (
+                "abs",
+                "relu",
+            ):
+                continue  # left to the measure function, which names the valid choices
+            plan.extend((m, s, kind, transform) for s in self.scopes if s in ("layer", "channel"))
+        return plan
+
+    def _fast_values(
+        self, name: str, out: Tensor, module: nn.Module, args: Any
+    ) -> dict[str, Tensor]:
+        """The values of ``self._fast`` from one pass of the unit-sums kernel (CPU, no autograd).
+
+        A ReLU whose input is the output just measured (a conv, a linear layer, ...) is measured
+        from that pass: its output is relu(input), whose sums the kernel computed alongside
+        (``split``) once the pairing was seen in a first forward. Returns {} to fall back to the
+        measure functions (non-finite output: the measure functions report it).
+        """
+        from xai_sparsity.kernels import layer_and_channel, sums_finite, unit_sums
+
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
+        pos = None
+        if type(module) is nn.ReLU and inp is not None:
+            want = inp._version - (1 if module.inplace else 0)
+            if self._pos_sums is not None:
+                ref, version, sums = self._pos_sums
+                if ref() is inp and version == want:
+                    pos = sums
+            if pos is None and self._last is not None:
+                src, ref, version = self._last
+                if ref() is inp and version == want:
+                    self._feeds_relu.add(src)  # next forward: measure src with split=True
+        self._pos_sums = None
+        if pos is not None:
+            sums, positive = pos, True  # relu output: |a| = relu(a) = relu(input)
+        else:
+            relu_wanted = any(t == "relu" for *_, t in self._fast)
+            split = relu_wanted or name in self._feeds_relu
+            per_unit = out.dim() >= 3 and any(sc == "channel" for _, sc, _, _ in self._fast)
+            sums = unit_sums(out, split=split, per_unit=per_unit, kernel=self.kernel)
+            if not sums_finite(sums):
+                self._last = None
+                return {}
+            if name in self._feeds_relu:
+                self._pos_sums = (weakref.ref(out), out._version, sums)
+            self._last = (name, weakref.ref(out), out._version)
+            positive = False
+        positions = math.prod(out.shape[1:]) // sums.s.shape[1]  # per unit of the sums
+        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        values: dict[str, Tensor] = {}
+        cache: dict[tuple[str, bool, str], Tensor | None] = {}
+        for m, scope, kind, transform in self._fast:
+            if not _scope_applies(scope, out):
+                continue
+            key = (kind, positive or transform == "relu", scope)
+            if key not in cache:
+                cache[key] = layer_and_channel(
+                    sums, positions, kind, positive=key[1], scopes=(scope,)
+                ).get(scope)
+            v = cache[key]
+            if v is not None:
+                values[f"{m}:{scope}"] = v.to(dtype)
+        return values
+
+    def _record(
+        self, name: str, output: Any, module: nn.Module | None = None, args: Any = ()
+    ) -> None:
         out = _first_tensor(name, output)
         self._seen.add(name)
         k = self._call_index(name)
@@ -779,13 +877,18 @@ class Capture:
             return
         grad = torch.enable_grad() if self.differentiable else torch.no_grad()
         values: dict[str, Tensor] = {}
+        if self._fast and out.device.type == "cpu" and out.is_floating_point():
+            with torch.no_grad():
+                values = self._fast_values(
+                    name, out, module if module is not None else nn.Identity(), args
+                )
         assert self._measure_fn is not None
         extra = {"check_finite": False}  # checked lazily on access: no host sync in the hook
         with grad:
             for m in self.measures:
                 opts = {**self.measure_options.get(m, {}), **extra}
                 for s in self.scopes:
-                    if not _scope_applies(s, out):
+                    if f"{m}:{s}" in values or not _scope_applies(s, out):
                         continue
                     v = self._measure_fn(m, out, s, **opts)
                     values[f"{m}:{s}"] = self._to_host(v)
@@ -908,6 +1011,7 @@ def capture(
     reduce_fn: Callable[[str, Tensor], None] | None = None,
     on_reuse: Literal["per_call", "warn", "error"] | str = "per_call",
     check_finite: bool = True,
+    kernel: Literal["eager", "compiled"] | str | None = None,
 ) -> Capture:
     """Capture the outputs (``mode="keep"``) or their sparsity (``mode="reduce"``) of layers.
 
@@ -941,6 +1045,11 @@ def capture(
             raises.
         check_finite: reduce mode: raise when a stored measure holds NaN/Inf (checked on first
             access, not in the hook, so the hook never waits for the device).
+        kernel: reduce mode on CPU: the perplexity and entropy measures (layer and channel
+            scope) come from one pass of :func:`xai_sparsity.kernels.unit_sums`, with this
+            kernel (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.kernels.get_kernel`).
+            A ReLU right after a measured layer is measured from that layer's pass (its output
+            is relu of the input), from the second forward on.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     >>> with capture(net, nn.ReLU, mode="reduce", scopes=("layer", "channel")) as cap:
@@ -961,4 +1070,5 @@ def capture(
         reduce_fn=reduce_fn,
         on_reuse=on_reuse,
         check_finite=check_finite,
+        kernel=kernel,
     )

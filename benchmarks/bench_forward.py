@@ -6,6 +6,8 @@ Sides, all in eval mode under ``torch.no_grad`` on the same input batch:
 - ``hooks``: our capture in reduce mode with no measure (the cost of the hooks alone);
 - ``ours``: ``capture(model, mode="reduce")`` (perplexity, layer scope, computed inside the
   hooks), opened once and read + cleared after every forward, as in a training loop;
+- ``ours_compiled``: the same with ``kernel="compiled"`` (one fused loop per layer through
+  ``torch.compile``; compiled during the warm-up calls);
 - ``ours_block``: the same with a new ``with capture(...)`` block per forward;
 - ``captum``: ``captum.attr.LayerActivation`` on the same modules, measures computed afterwards;
 - ``fx``: torchvision ``create_feature_extractor`` on every call of those modules (reused modules
@@ -58,7 +60,9 @@ def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[],
     # the sides with lasting hooks get their own copy of the model (same weights), so that
     # each side pays only for its own hooks
     ours_model, hooks_model = copy.deepcopy(model), copy.deepcopy(model)
+    compiled_model = copy.deepcopy(model)
     open_cap = capture(ours_model, None, mode="reduce").__enter__()
+    compiled_cap = capture(compiled_model, None, mode="reduce", kernel="compiled").__enter__()
     hooks_cap = capture(
         hooks_model, None, mode="reduce", measures=(), reduce_fn=lambda name, out: None
     ).__enter__()
@@ -80,6 +84,12 @@ def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[],
         _ = {n: s["perplexity:layer"] for n, s in open_cap.stats.items()}
         open_cap.clear()
 
+    def ours_compiled() -> None:
+        with torch.no_grad():
+            compiled_model(x)
+        _ = {n: s["perplexity:layer"] for n, s in compiled_cap.stats.items()}
+        compiled_cap.clear()
+
     def ours_block() -> None:
         with torch.no_grad(), capture(model, None, mode="reduce") as cap:
             model(x)
@@ -98,6 +108,7 @@ def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[],
         "plain": plain,
         "hooks": hooks,
         "ours": ours,
+        "ours_compiled": ours_compiled,
         "ours_block": ours_block,
         "captum": captum_side,
         "fx": fx,
@@ -105,6 +116,7 @@ def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[],
 
     def close() -> None:
         open_cap.__exit__(None, None, None)
+        compiled_cap.__exit__(None, None, None)
         hooks_cap.__exit__(None, None, None)
 
     return sides, (layers, len(_models.fx_nodes(model, layers)), close)
@@ -142,6 +154,13 @@ def run_model(name: str, args: Any) -> list[h.Row]:
             h.ratios(times, "ours", "plain"),
             goal=GOAL,
             detail=f"plain {h.ms(times['plain'])}, ours {h.ms(ours)}, {len(layers)} layers",
+        ),
+        h.row(
+            CASE,
+            f"{label}: ours, compiled kernel / plain",
+            h.ratios(times, "ours_compiled", "plain"),
+            goal=GOAL,
+            detail=f"{h.ms(times['ours_compiled'])} (capture(..., kernel='compiled'))",
         ),
         h.row(
             CASE,

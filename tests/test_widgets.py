@@ -184,12 +184,22 @@ def test_explorer_blitted_panels_match_a_full_redraw(
     for name, png in ex.rendered.items():
         buf = io.BytesIO()
         ex.figures[name].savefig(buf, format="png")
-        shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
-        full = np.asarray(Image.open(buf).convert("RGB"), dtype=float)
+        shown = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
+        full = np.asarray(Image.open(buf).convert("L"), dtype=float)
         assert shown.shape == full.shape
-        # texts are pasted at whole pixels, so edges of glyphs may differ slightly
-        assert np.abs(shown - full).mean() < 2.0, name
-        assert (np.abs(shown - full).max(axis=-1) > 64).mean() < 0.02, name
+        # texts are pasted at whole pixels: compare each pixel with its best match within one
+        # pixel, so that only missing or misplaced content (not a sub-pixel shift) counts
+        h, w = full.shape
+        pad = np.pad(shown, 1, mode="edge")
+        best = np.min(
+            [
+                np.abs(pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] - full)
+                for dy in (-1, 0, 1)
+                for dx in (-1, 0, 1)
+            ],
+            axis=0,
+        )
+        assert (best > 96).sum() <= 30, f"{name}: {(best > 96).sum()} pixels differ"
 
 
 def test_explorer_caches_one_forward_per_image(model: nn.Module, images: torch.Tensor) -> None:

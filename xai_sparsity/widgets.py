@@ -163,6 +163,7 @@ class _TextStamps:
 
         scratch = Text()
         scratch.update_from(text)
+        scratch.set_clip_on(False)  # clip boxes are in the panel's pixels, not the scratch's
         scratch.set_text(text.get_text())
         scratch.set_transform(IdentityTransform())
         scratch.set_figure(figure)
@@ -868,6 +869,8 @@ class LayerExplorer(_Widget):
             title(scene, f"{layer}: channels {idx[0]}-{idx[-1]} of {channels}")
 
         def build_channels(fig: Figure) -> _Scene:
+            from matplotlib.text import Text
+
             ax = fig.add_subplot()
             bars = ax.bar(np.arange(channels), np.zeros(channels), color=_NEUTRAL, width=0.85)
             ax.set_ylim(0.0, 1.0)
@@ -877,17 +880,32 @@ class LayerExplorer(_Widget):
             ax.tick_params(labelsize=7)
             line = ax.axhline(0.0, color="black", lw=1, ls="--", label="layer 0.00")
             legend = ax.legend(fontsize=7, loc="lower right")
+            # the legend's own text sizes its frame but is hidden; a plain Text on the same
+            # transform (placed when the legend is drawn) shows it, so it can be stamped
+            sized = legend.get_texts()[0]
+            shown = Text()
+            shown.update_from(sized)
+            shown.set_transform(sized.get_transform())
+            shown.set_zorder(legend.get_zorder() + 1)
+            ax.add_artist(shown)
+            sized.set_visible(False)
             head = ax.set_title(" ", fontsize=9)
             spines = list(ax.spines.values())
-            parts = {"bars": list(bars.patches), "line": line, "legend": legend, "title": head}
-            return _Scene([ax], [*bars.patches, line, *spines, legend, head], parts)
+            parts = {
+                "bars": list(bars.patches),
+                "line": line,
+                "legend": [sized, shown],
+                "title": head,
+            }
+            return _Scene([ax], [*bars.patches, line, *spines, legend, shown, head], parts)
 
         def update_channels(scene: _Scene) -> None:
             for c, bar in enumerate(scene.parts["bars"]):
                 bar.set_height(float(channel_s[c]))
                 bar.set_facecolor(_HIGHLIGHT if c == ch else _NEUTRAL)
             scene.parts["line"].set_ydata([layer_s, layer_s])
-            scene.parts["legend"].get_texts()[0].set_text(f"layer {layer_s:.2f}")
+            for text in scene.parts["legend"]:
+                text.set_text(f"layer {layer_s:.2f}")
             title(scene, f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})")
 
         def update_spatial(scene: _Scene) -> None:

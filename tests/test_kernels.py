@@ -245,3 +245,22 @@ def test_a_relu_after_an_in_place_change_is_measured_itself() -> None:
     with torch.no_grad():
         want = perplexity_sparsity(torch.relu(net.conv(x) + 0.5))
     torch.testing.assert_close(cap.stats["relu"]["perplexity:layer"], torch.cat([want, want]))
+
+
+def test_layer_stats_match_measure_functions() -> None:
+    from xai_sparsity.measures import hoyer_sparsity, zero_fraction
+
+    x = _batch(7)
+    got = K.layer_stats(x)
+    torch.testing.assert_close(got["perplexity"], perplexity_sparsity(x), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got["entropy"], entropy_sparsity(x), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got["hoyer"], hoyer_sparsity(x), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got["zero_fraction"], zero_fraction(x), rtol=0, atol=1e-7)
+    torch.testing.assert_close(got["channel"], perplexity_sparsity(x, "channel"), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got["unit_sum"], x.abs().flatten(2).sum(2), rtol=1e-5, atol=1e-5)
+    dense = torch.randn(5, 9)
+    d = K.layer_stats(dense, hoyer=False, zeros=False)
+    assert set(d) == {"perplexity", "entropy", "unit_sum"}
+    torch.testing.assert_close(d["unit_sum"], dense.abs())
+    with pytest.raises(XaiSparsityError, match="at least 2 units"):
+        K.layer_stats(torch.ones(3, 1))

@@ -58,6 +58,7 @@ __all__ = [
     "UnitSums",
     "entropy_from_sums",
     "get_kernel",
+    "layer_stats",
     "set_kernel",
     "sparsity_from_sums",
     "sums_finite",
@@ -345,4 +346,70 @@ def layer_and_channel(
         out["layer"] = sparsity_from_sums(s.sum(1), t.sum(1), n_units, kind)
     if "channel" in scopes and positions >= 2:
         out["channel"] = sparsity_from_sums(s, t, positions, kind)
+    return out
+
+
+def layer_stats(
+    x: Tensor,
+    *,
+    hoyer: bool = True,
+    zeros: bool = True,
+    channel: bool = True,
+    kernel: str | None = None,
+) -> dict[str, Tensor]:
+    """Every layer-scope measure of one batch (and the channel-scope perplexity) from one
+    :func:`unit_sums` pass plus, on request, an L2 norm and a zero count.
+
+    The definitions of :mod:`xai_sparsity.measures` with their defaults (transform ``"abs"``,
+    perplexity variant ``"normalized"``, zero tolerance 0; an all-zero map counts as 1 for every
+    measure). No autograd.
+
+    Args:
+        x: activations (B, C, ...) or (B, F) with at least 2 units per sample.
+        hoyer, zeros: also compute Hoyer sparsity and the zero fraction.
+        channel: also the channel-scope perplexity (rank >= 3 with >= 2 positions).
+        kernel: see :func:`unit_sums`.
+
+    Returns:
+        ``perplexity``, ``entropy`` (and ``hoyer``, ``zero_fraction``): (B,) float32;
+        ``unit_sum``: (B, C) sums of |x| per channel ((B, F) |x| for (B, F) input);
+        ``channel``: (B, C) channel-scope perplexity sparsity.
+
+    >>> s = layer_stats(torch.tensor([[3.0, 1.0, 0.0, 0.0]]))
+    >>> round(s["perplexity"].item(), 5), s["zero_fraction"].item()
+    (0.74841, 0.5)
+    """
+    x = x.detach()
+    b = x.shape[0]
+    n = math.prod(x.shape[1:])
+    if x.dim() < 2 or n < 2:
+        raise XaiSparsityError(
+            f"layer_stats needs (B, ...) with at least 2 units per sample, got {tuple(x.shape)}"
+        )
+    sums = unit_sums(x, kernel=kernel)
+    positions = n // sums.s.shape[1]
+    with torch.no_grad():
+        s, t = sums.s.sum(1), sums.t.sum(1)
+        h = entropy_from_sums(s, t)
+        out: dict[str, Tensor] = {
+            "perplexity": ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0).float(),
+            "entropy": (1.0 - h / math.log(n)).clamp(0.0, 1.0).float(),
+            # per unit: channels, or each feature of (B, F) input
+            "unit_sum": (sums.s * sums.scale.view(b, 1)).float()
+            if x.dim() >= 3
+            else x.abs().float(),
+        }
+        if channel and x.dim() >= 3 and positions >= 2:
+            out["channel"] = sparsity_from_sums(sums.s, sums.t, positions).float()
+        flat = x.reshape(b, n)
+        if hoyer:
+            l2 = torch.linalg.vector_norm(flat, dim=1, dtype=s.dtype)
+            dead = l2 == 0
+            ratio = (s * sums.scale) / torch.where(dead, torch.ones_like(l2), l2)
+            root_n = math.sqrt(n)
+            value = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
+            out["hoyer"] = torch.where(dead, torch.ones_like(value), value).float()
+        if zeros:
+            nonzero = torch.count_nonzero(flat, dim=1)
+            out["zero_fraction"] = ((n - nonzero) / n).float()
     return out

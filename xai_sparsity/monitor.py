@@ -236,88 +236,24 @@ def _select_layers(model: nn.Module, spec: Any) -> list[str]:
 def fused_layer_stats(
     x: Tensor, *, nonnegative: bool = False, hoyer: bool = True, zeros: bool = True
 ) -> dict[str, Tensor]:
-    """All layer-scope measures of one batch, and the channel-scope perplexity, in one sweep.
+    """All layer-scope measures of one batch, and the channel-scope perplexity, in one pass.
 
-    The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
-    ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), computed
-    from a handful of passes over ``a = |x|`` instead of about twenty: per sample and channel
-    ``S_c = sum a`` and ``T_c = sum a ln a``, then ``H = ln S - T / S`` for the layer
-    (``S = sum_c S_c``, ``T = sum_c T_c``) and for each channel, the sum of squares for Hoyer and a
-    count of zeros. ``ln`` is taken of ``max(a, 1e-37)`` (exact zeros contribute ``0 * ln 1e-37 = 0``),
-    which keeps the vectorised logarithm on its fast path (a zero lane sends a whole vector of
-    ``log``/``xlogy`` to a slow path, several times slower on CPUs). For measurement without
-    gradients only (float32 sums; values of ``a`` from about 1e-37 to 1e30 / N).
-
-    Args:
-        x: activations (B, C, H, W) or any (B, ...) with rank >= 2 and at least 2 units per sample.
-        nonnegative: the caller knows ``x >= 0`` (a ReLU output): skips the ``abs`` copy.
-        hoyer, zeros: also compute Hoyer sparsity and the zero fraction.
+    :func:`xai_sparsity.kernels.layer_stats` (one unit-sums pass of ``a = |x|``, an L2 norm and a
+    zero count); ``nonnegative`` is accepted for compatibility (the pass takes ``|x|`` anyway).
 
     Returns:
         ``perplexity``, ``entropy`` (and ``hoyer``, ``zero_fraction``): (B,) float32;
         ``unit_sum``: (B, C) sums of |a| per channel (rank >= 3) or (B, F) for dense input;
-        ``channel``: (B, C) channel-scope perplexity sparsity (rank >= 3 with >= 2 positions).
+        ``channel``: (B, C) channel-scope perplexity (rank >= 3 with >= 2 positions).
 
     >>> s = fused_layer_stats(torch.tensor([[3.0, 1.0, 0.0, 0.0]]))
     >>> round(s["perplexity"].item(), 5), s["zero_fraction"].item()
     (0.74841, 0.5)
     """
-    with torch.no_grad():
-        b = x.shape[0]
-        a = x.reshape(b, x.shape[1], -1) if x.dim() >= 3 else x.reshape(b, -1, 1)
-        work = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if a.dtype != work:
-            a = a.to(work)
-            if not nonnegative:
-                a = a.abs_()
-        elif not nonnegative:
-            a = a.abs()
-        c, positions = a.shape[1], a.shape[2]
-        n = c * positions
-        flat = a.reshape(b, -1)
-        out: dict[str, Tensor] = {}
-        buf = torch.empty_like(a)  # one scratch buffer, reused
-        if zeros:  # (x == 0) written as 0/1 floats: ~3x faster than a bool mask's sum on CPUs
-            zero_count = torch.eq(a, 0, out=buf).sum(dim=2).sum(dim=1)
-            out["zero_fraction"] = (zero_count / n).float()
-        s_c = a.sum(dim=2)  # (B, C)
-        s = s_c.sum(dim=1)  # (B,)
-        if hoyer:
-            sq = torch.linalg.vecdot(flat, flat, dim=1).sqrt()  # ||a||_2
-            root_n = math.sqrt(n)
-            ratio = s / torch.where(sq == 0, torch.ones_like(sq), sq)
-            h_s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
-            out["hoyer"] = torch.where(sq == 0, torch.ones_like(h_s), h_s).float()
-        log_a = torch.clamp_min(a, _LOG_FLOOR[work], out=buf).log_()
-        t_c = torch.linalg.vecdot(a, log_a, dim=2)  # (B, C): sum a ln a
-        del log_a, buf
-        t = t_c.sum(dim=1)
-        h = _entropy_from_sums(s, t)
-        out["perplexity"] = _perplexity_from_entropy(h, n).float()
-        out["entropy"] = (1.0 - h / math.log(n)).clamp(0.0, 1.0).float()
-        if x.dim() >= 3 and positions >= 2:
-            out["channel"] = _perplexity_from_entropy(
-                _entropy_from_sums(s_c, t_c), positions
-            ).float()
-        out["unit_sum"] = s_c.float()  # (B, C); for dense input each "channel" is one unit
-        return out
+    from xai_sparsity.kernels import layer_stats
 
-
-_LOG_FLOOR = {torch.float32: 1e-37, torch.float64: 1e-300}
-"""ln is taken of max(a, floor): exact zeros then add 0 * ln(floor) = 0. The float32 floor sits
-above the smallest normal number: ``log`` of values at that boundary takes a slow path."""
-
-
-def _entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
-    """H = ln S - T / S with T = sum a ln a; 0 for an all-zero map (S = 0)."""
-    dead = s <= 0
-    safe = torch.where(dead, torch.ones_like(s), s)
-    h = (torch.log(safe) - t / safe).clamp_min(0.0)
-    return torch.where(dead, torch.zeros_like(h), h)
-
-
-def _perplexity_from_entropy(h: Tensor, n: int) -> Tensor:
-    return ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0)
+    del nonnegative
+    return layer_stats(x, hoyer=hoyer, zeros=zeros)
 
 
 # ----------------------------------------------------------------------------- per-layer sums

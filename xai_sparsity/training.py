@@ -616,8 +616,7 @@ class _ProbeReducer:
 
     The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
     ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), from
-    shared reductions of ``a = |x|`` (per sample and channel ``S_c = sum a`` and
-    ``T_c = sum a ln a``; ``H = ln S - T / S``), instead of separate passes per measure.
+    one pass of :func:`xai_sparsity.kernels.layer_stats` per layer and batch.
     """
 
     def __init__(self, *, full: bool, channel: bool, correlation: bool) -> None:
@@ -631,37 +630,22 @@ class _ProbeReducer:
         self.values.setdefault(name, {}).setdefault(key, []).append(value.detach().cpu())
 
     def __call__(self, name: str, out: Tensor) -> None:
+        from xai_sparsity.kernels import layer_stats
+
         with torch.no_grad():
             x = out.detach()
-            if x.dim() < 2:
+            if x.dim() < 2 or x[0].numel() < 2:
                 return
-            b = x.shape[0]
-            a = x.reshape(b, x.shape[1], -1) if x.dim() >= 3 else x.reshape(b, -1, 1)
-            a = a.double().abs() if a.dtype == torch.float64 else a.float().abs()
-            c, positions = a.shape[1], a.shape[2]
-            n = c * positions
-            if n < 2:
-                return
-            s_c = a.sum(dim=2)  # (B, C)
-            s = s_c.sum(dim=1)
+            stats = layer_stats(x, hoyer=self.full, zeros=self.full, channel=self.channel)
+            self._add(name, "perplexity", stats["perplexity"])
             if self.full:
-                nonzero = torch.sign(a).sum(dim=(1, 2))  # a >= 0: counts the non-zeros
-                self._add(name, "zero_fraction", (n - nonzero.double()) / n)
-                l2 = torch.linalg.vector_norm(a.reshape(b, -1), dim=1)
-                dead2 = l2 == 0
-                ratio = s / torch.where(dead2, torch.ones_like(l2), l2)
-                root_n = math.sqrt(n)
-                hoyer = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
-                self._add(name, "hoyer", torch.where(dead2, torch.ones_like(hoyer), hoyer))
-                self._add(name, "pooled", s_c / positions)  # (B, C) mean |a| per channel
-            t_c = a.xlogy_(a).sum(dim=2)  # sum a ln a per channel, 0 ln 0 = 0; a is our copy
-            h = _entropy_from_sums(s, t_c.sum(dim=1))
-            self._add(name, "perplexity", _normalized_from_entropy(h, n))
-            if self.full:
-                self._add(name, "entropy", (1.0 - h / math.log(n)).clamp(0.0, 1.0))
-            if self.channel and x.dim() >= 3 and positions >= 2:
-                hc = _entropy_from_sums(s_c, t_c)
-                self._add(name, "channel", _normalized_from_entropy(hc, positions))
+                self._add(name, "zero_fraction", stats["zero_fraction"])
+                self._add(name, "hoyer", stats["hoyer"])
+                self._add(name, "entropy", stats["entropy"])
+                positions = x[0, 0].numel() if x.dim() >= 3 else 1
+                self._add(name, "pooled", stats["unit_sum"] / positions)  # (B, C) mean |a|
+            if "channel" in stats:
+                self._add(name, "channel", stats["channel"])
             if self.correlation:
                 from xai_sparsity.correlation import CorrelationAccumulator
 
@@ -684,20 +668,6 @@ class _ProbeReducer:
         if key.endswith("#0"):
             return self.corr.get(key[:-2])
         return None
-
-
-def _entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
-    """H = ln S - T / S with T = sum a ln a; 0 for an all-zero map (S = 0). In float64."""
-    s, t = s.double(), t.double()
-    dead = s <= 0
-    safe = torch.where(dead, torch.ones_like(s), s)
-    h = (torch.log(safe) - t / safe).clamp_min(0.0)
-    return torch.where(dead, torch.zeros_like(h), h)
-
-
-def _normalized_from_entropy(h: Tensor, n: int) -> Tensor:
-    """(N - exp(H)) / (N - 1), clamped to [0, 1]."""
-    return ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0)
 
 
 def _batches(x: Tensor, size: int) -> Iterator[Tensor]:

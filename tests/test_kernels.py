@@ -87,7 +87,7 @@ def test_measures_from_sums_match_measure_functions() -> None:
 
 
 def test_kernel_choice_is_validated() -> None:
-    with pytest.raises(XaiSparsityError, match="'fast'.*eager.*compiled"):
+    with pytest.raises(XaiSparsityError, match=r"'fast'.*eager.*compiled"):
         K.set_kernel("fast")
     with pytest.raises(XaiSparsityError, match="kernel"):
         K.unit_sums(torch.ones(2, 3), kernel="gpu")

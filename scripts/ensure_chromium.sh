@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure Debian's Chromium is installed for the browser test (tests/test_browser.py).
+# Make sure Debian's Chromium is installed for the browser test (tests/test_browser.py),
+# and g++ for the compiled kernel's tests.
 #
 # The test drives the system Chromium with Playwright; it never downloads a browser.
 # - chromium already on PATH: nothing to do.
@@ -7,6 +8,14 @@
 # - otherwise: print how to install it.
 # Exits 0 unless CI=true and Chromium could not be made available.
 set -u
+
+# The compiled sparsity kernel (xai_sparsity.kernels, kernel="compiled") needs a C++ compiler for
+# torch.compile on CPU; its tests skip without one. Install g++ too where we can.
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing g++ with apt-get (for the compiled kernel's tests) ..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ || echo "g++ not installed" >&2
+fi
 
 find_chromium() {
     command -v chromium || command -v chromium-browser || true

@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "lifetime_sparsity": "measures",
     "compute_measure": "measures",
     "MEASURES": "measures",
+    # the unit-sums kernel behind capture's reduce mode
+    "set_kernel": "kernels",
+    "use_kernel": "kernels",
     # correlation
     "filter_correlation": "correlation",
     "weight_similarity": "correlation",
@@ -131,6 +134,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         save_figure,
     )
     from xai_sparsity.indicators import score_indicators
+    from xai_sparsity.kernels import set_kernel, use_kernel
     from xai_sparsity.measures import (
         MEASURES,
         compute_measure,

@@ -408,7 +408,11 @@ class LayerExplorer(_Widget):
 
     Activations of every selectable layer are computed once per image, in one forward with
     :func:`~xai_sparsity.capture.capture` in keep mode, and cached (``cache_info()``); the model
-    runs in eval mode under ``no_grad`` and its train/eval flags are restored.
+    runs in eval mode under ``no_grad`` and its train/eval flags are restored. Correlations,
+    sparsities and attributions are cached too. A change re-renders only the panels that depend
+    on it (an image change leaves the correlation alone, a layer switch the input); each panel's
+    axes, ticks and colorbar are drawn once per layout and an update redraws only its data
+    artists over that bitmap.
 
     Args:
         model: a CNN.

@@ -61,6 +61,7 @@ _DIV_CMAP = "RdBu_r"
 _ATTR_CMAP = "inferno"
 _HIGHLIGHT = "#d55e00"  # Okabe-Ito vermillion
 _NEUTRAL = "#7f7f7f"
+_HEAT_ALPHA = 0.55  # opacity of heat maps over the grey input
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -786,25 +787,35 @@ class LayerExplorer(_Widget):
         """Update the artists of ``panels`` in place and re-encode only those panels."""
         layer, ch, index = s["layer"], s["channel"], s["image"]
         height, width = int(self.inputs.shape[2]), int(self.inputs.shape[3])
-        blank = np.zeros((height, width))
 
         def title(scene: _Scene, text: str) -> None:
             scene.parts["title"].set_text(text)
 
         def overlay_scene(cmap: str) -> Callable[[Figure], _Scene]:
+            # the grey input and the heat map (alpha 0.55) are blended into one RGB image here:
+            # one image to resample per update instead of two
             def build(fig: Figure) -> _Scene:
+                from matplotlib.cm import ScalarMappable
+                from matplotlib.colors import Normalize
+
                 ax = fig.add_subplot()
-                base = ax.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0)
-                heat = ax.imshow(blank, cmap=cmap, vmin=0.0, vmax=1.0, alpha=0.55)
+                im = ax.imshow(np.zeros((height, width, 3)))
                 ax.set_axis_off()
                 head = ax.set_title(" ", fontsize=9)
-                bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+                scale = ScalarMappable(Normalize(0.0, 1.0), cmap=cmap)
+                bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04, alpha=_HEAT_ALPHA)
                 bar.ax.tick_params(labelsize=7)
-                return _Scene(
-                    [ax, bar.ax], [base, heat, head], {"base": base, "heat": heat, "title": head}
-                )
+                return _Scene([ax, bar.ax], [im, head], {"image": im, "cmap": cmap, "title": head})
 
             return build
+
+        def blend(scene: _Scene, heat: np.ndarray) -> None:
+            from matplotlib import colormaps
+
+            up = np.clip(_upsample(heat, (height, width)), 0.0, 1.0)
+            colors = colormaps[scene.parts["cmap"]](up)[..., :3]
+            grey = self._base(index)[..., None]
+            scene.parts["image"].set_data(_HEAT_ALPHA * colors + (1.0 - _HEAT_ALPHA) * grey)
 
         def update_input(scene: _Scene) -> None:
             arr, _ = _display_image(self.inputs[index])
@@ -913,8 +924,7 @@ class LayerExplorer(_Widget):
             title(scene, f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})")
 
         def update_spatial(scene: _Scene) -> None:
-            scene.parts["base"].set_data(self._base(index))
-            scene.parts["heat"].set_data(_upsample(spatial_s, (height, width)))
+            blend(scene, spatial_s)
             title(
                 scene,
                 f"spatial sparsity {tuple(spatial_s.shape)}, mean {spatial_s.mean():.2f}",
@@ -949,8 +959,7 @@ class LayerExplorer(_Widget):
             amap = self._attribution(index, s["method"], layer)
             scale = float(np.abs(amap).max())
             heat = np.abs(amap) / scale if scale > 0 else np.zeros_like(amap)
-            scene.parts["base"].set_data(self._base(index))
-            scene.parts["heat"].set_data(_upsample(heat, (height, width)))
+            blend(scene, heat)
             title(scene, f"{s['method']} for class {self._class_name(self._target(index))}")
 
         views: dict[str, tuple[Any, Callable[[Figure], _Scene], Callable[[_Scene], None]]] = {

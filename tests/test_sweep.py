@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -297,3 +298,73 @@ def test_sweep_result_type() -> None:
     assert isinstance(res, SweepResult)
     assert res.layers["2"].lifetime is None
     assert res.layers["2"].stats[("zero_fraction", "layer")].n == 3
+
+
+def _relu_net(inplace: bool) -> nn.Sequential:
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Flatten(),
+        nn.Linear(5 * 8 * 8, 7),
+        nn.ReLU(),
+    )
+    conv = net[2]
+    assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+    with torch.no_grad():  # a dead channel: all zero after the ReLU
+        conv.weight[1].zero_()
+        conv.bias[1] = -1.0
+    return net.eval()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("magnitude", [1.0, 1e6])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {
+            "perplexity": {"variant": "relative", "transform": "relu"},
+            "entropy": {"transform": "relu"},
+            "hoyer": {"transform": "relu"},
+            "zero_fraction": {"tol": 0.05},
+        },
+    ],
+)
+def test_float32_fused_statistics_match_the_measure_functions(
+    inplace: bool, magnitude: float, options: dict[str, dict[str, Any]]
+) -> None:
+    """The shared-pass float32 statistics (conv -> ReLU sums shared, several batches) agree with
+    the measure functions on the captured outputs to 1e-5, every measure and scope."""
+    net = _relu_net(inplace)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 3, 8, 8, generator=g) * magnitude
+    x[2] = 0.0  # an all-zero input: bias-only maps
+    res = sweep(net, [x[:4], x[4:7], x[7:]], progress=False, measure_options=options)
+    ref_net = _relu_net(False)  # the same weights, outputs kept apart
+    with torch.no_grad(), capture(ref_net) as cap:
+        ref_net(x)
+    assert list(res.layers) == ["0", "1", "2", "3", "6"]
+    for name, ls in res.layers.items():
+        act = cap.activations[name]
+        for (m, s), rs in ls.stats.items():
+            manual = compute_measure(m, act, s, **options.get(m, {})).double()
+            assert rs.n == manual.numel()
+            assert math.isclose(rs.mean, float(manual.mean()), abs_tol=1e-5), (name, m, s)
+            assert math.isclose(rs.min, float(manual.min()), abs_tol=1e-5), (name, m, s)
+            assert math.isclose(rs.max, float(manual.max()), abs_tol=1e-5), (name, m, s)
+            assert math.isclose(rs.std, float(manual.std()), abs_tol=1e-5), (name, m, s)
+        for m, t in ls.channel_mean.items():
+            ref = compute_measure(m, act, "channel", **options.get(m, {})).double().mean(0)
+            assert torch.allclose(t, ref, atol=1e-5), (name, m)
+        for m, t in ls.spatial_mean.items():
+            ref = compute_measure(m, act, "spatial", **options.get(m, {})).double().mean(0)
+            assert torch.allclose(t, ref, atol=1e-5), (name, m)
+        assert ls.lifetime is not None
+        life = lifetime_sparsity(act, **options.get("perplexity", {})).double()
+        assert torch.allclose(ls.lifetime, life, atol=1e-5), name
+        if ls.correlation is not None:
+            r = ls.correlation.correlation()
+            assert torch.allclose(r, filter_correlation(act.double()), atol=1e-5), name

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +50,22 @@ __all__ = ["LayerSweep", "RunningStats", "SweepResult", "sweep"]
 ALL_MEASURES: tuple[str, ...] = ("perplexity", "zero_fraction", "hoyer", "entropy")
 BINS = 1000
 _INPUT_KEYS: tuple[str, ...] = ("image", "input", "images", "inputs", "x", "pixel_values")
+
+
+_local = threading.local()
+
+
+def _values_buffer(slot: int, numel: int, dtype: torch.dtype) -> Tensor:
+    """A reused flat CPU buffer (per thread, slot and dtype) of ``numel`` elements."""
+    bufs: dict[tuple[int, torch.dtype], Tensor] = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < numel or buf.is_inference() != _inference():
+        buf = bufs[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _inference() -> bool:
+    return torch.is_inference_mode_enabled()
 
 
 class RunningStats:
@@ -77,9 +95,12 @@ class RunningStats:
 
     def update(self, values: Tensor) -> None:
         """Add a tensor of values (any shape)."""
-        v = values.detach().reshape(-1).to(self._sum.device, torch.float64)
-        if v.numel() == 0:
+        raw = values.detach().reshape(-1)
+        if raw.numel() == 0:
             return
+        if raw.device.type == "cpu" and self._sum.device.type == "cpu" and self._update_cpu(raw):
+            return
+        v = raw.to(self._sum.device, torch.float64)
         finite = torch.isfinite(v)
         vz = torch.where(finite, v, torch.zeros_like(v))
         self._total += v.numel()
@@ -90,6 +111,29 @@ class RunningStats:
         self._max = torch.maximum(self._max, torch.where(finite, v, -math.inf).max())
         idx = (vz.clamp(0.0, 1.0) * BINS).long().clamp_(max=BINS - 1)
         self._hist.index_add_(0, idx, finite.long())
+
+    def _update_cpu(self, raw: Tensor) -> bool:
+        """All-finite values on the CPU (where reading a number is free): no masks, an int32
+        histogram index and ``bincount``, through reused buffers (a fresh tensor-sized
+        temporary costs its page faults). Returns False (nothing done) if a value is NaN/Inf."""
+        n = raw.numel()
+        v = _values_buffer(0, n, torch.float64)
+        v.copy_(raw)
+        total = v.sum()
+        if not math.isfinite(float(total)):
+            return False
+        lo, hi = torch.aminmax(v)
+        self._total += n
+        self._sum += total
+        self._sumsq += torch.dot(v, v)
+        self._min = torch.minimum(self._min, lo)
+        self._max = torch.maximum(self._max, hi)
+        if not (float(lo) >= 0 and float(hi) <= 1):
+            v.clamp_(0, 1)
+        idx = _values_buffer(1, n, torch.int32)
+        idx.copy_(v.mul_(BINS)).clamp_(max=BINS - 1)
+        self._hist += torch.bincount(idx, minlength=BINS)
+        return True
 
     def merge(self, other: RunningStats) -> RunningStats:
         """Add another accumulator's values into this one (in place); returns self."""
@@ -210,8 +254,244 @@ class LayerSweep:
     n_samples: int = 0
 
 
+_CHUNK_ELEMENTS = 1 << 17
+"""Elements per chunk of the fused statistics pass (per slot): the buffers stay in cache."""
+
+_FUSED_OPTIONS: dict[str, frozenset[str]] = {
+    "perplexity": frozenset({"variant", "transform"}),
+    "entropy": frozenset({"transform"}),
+    "hoyer": frozenset({"transform"}),
+    "zero_fraction": frozenset({"tol"}),
+}
+"""Measures (and their options) the fused pass computes; any other goes through its function."""
+
+_LOG_FLOOR = {torch.float32: 1e-37, torch.float64: 1e-300}
+_K = {torch.float32: 2.0**20, torch.float64: 1.0}
+"""The scaled values are a' = K a / mean(a) per sample: ln a' stays small (entropy sums keep
+their digits) and K lifts values far below the mean above float32's underflow for the squares;
+(K a')^2 <= (K C P)^2 overflows only beyond 10^13 elements per sample."""
+
+
+class _Need(NamedTuple):
+    """What one transform of a layer's output must give: entropy sums (``log``), sums of squares
+    (``sq``), zero counts (``zero``: |x| <= ``tol``), the per-position sums (``spatial``)."""
+
+    log: bool = False
+    sq: bool = False
+    zero: bool = False
+    tol: float = 0.0
+    spatial: bool = False
+
+    def merged(self, other: _Need) -> _Need:
+        return _Need(
+            self.log or other.log,
+            self.sq or other.sq,
+            self.zero or other.zero,
+            other.tol if other.zero else self.tol,
+            self.spatial or other.spatial,
+        )
+
+    def slots(self) -> dict[str, int]:
+        names = ["s"] + ["t"] * self.log + ["q"] * self.sq + ["z"] * self.zero
+        return {n: i for i, n in enumerate(names)}
+
+
+class _Scratch:
+    """Reused flat buffers per (name, dtype, device), shared by the layers of a sweep: with
+    glibc's mmap threshold every fresh tensor-sized temporary would cost its page faults."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (name, dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel or buf.is_inference() != _inference():
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+class _Sums:
+    """Sums of one transformed output a (B, C, P) per sample, stacked by slot.
+
+    With a' = f_b a (``factor`` f_b = K / mean a, or 1 when nothing needs the scaling), slot
+    ``"s"`` = sum a', ``"t"`` = sum a' ln a', ``"q"`` = sum a'^2, ``"z"`` = count of |x| <= tol;
+    :meth:`c` gives them per channel (B, C) (summed over positions), :meth:`p` per position
+    (B, P) (summed over channels). H = ln S - T / S and the Hoyer ratio S / sqrt(Q) do not
+    depend on f_b; the raw channel sums are ``c("s") / factor``. The sums live in scratch
+    buffers (``tag``) that the next pass with the same tag overwrites.
+    """
+
+    def __init__(
+        self, need: _Need, tag: str, shape: tuple[int, int, int], like: Tensor, scratch: _Scratch
+    ) -> None:
+        b, c, p = shape
+        dtype, dev = like.dtype, like.device
+        self.need = need
+        self.slot = need.slots()
+        k = len(self.slot)
+        self.cs = scratch.get(f"{tag}:c", b * k * c, dtype, dev).view(b, k, c)
+        self.ps: Tensor | None = None
+        if need.spatial:
+            self.ps = scratch.get(f"{tag}:p", b * k * p, dtype, dev).view(b, k, p)
+        self.factor = scratch.get(f"{tag}:f", b, dtype, dev)
+
+    def c(self, name: str) -> Tensor:
+        return self.cs[:, self.slot[name]]
+
+    def p(self, name: str) -> Tensor:
+        assert self.ps is not None
+        return self.ps[:, self.slot[name]]
+
+
+def _load(xc: Tensor, out: Tensor, transform: str) -> None:
+    if xc.dtype == out.dtype:
+        if transform == "abs":
+            torch.abs(xc, out=out)
+        else:
+            torch.clamp_min(xc, 0, out=out)
+    else:
+        out.copy_(xc)
+        out.abs_() if transform == "abs" else out.clamp_min_(0)
+
+
+def _zeros(a: Tensor, tol: float, out: Tensor) -> None:
+    """1 where a <= tol (a = |x| before scaling; NaN counts as non-zero, as in zero_fraction)."""
+    if tol == 0:
+        torch.eq(a, 0, out=out)
+    else:
+        torch.le(a, tol, out=out)
+
+
+def _batch_sums(
+    units: Tensor,
+    plan: Mapping[str, _Need],
+    scratch: _Scratch,
+    relu: _Need | None = None,
+) -> tuple[dict[str, _Sums], _Sums | None]:
+    """:class:`_Sums` of every transform in ``plan`` from one chunked pass over ``units``.
+
+    Per chunk of samples the transform is written into slot 0 of a reused (k, slots, C, P)
+    buffer and scaled per sample in place; ``ln max(a', floor)`` goes to one more buffer (one log
+    per element), a' ln a', a'^2 and the zero indicator to the other slots, and two stacked
+    reductions (over positions, over channels) write every sum into the batch's sum buffers.
+    Nothing tensor-sized is allocated.
+
+    ``relu``: also the sums of relu(x), the output of a ReLU that follows this layer, reusing the
+    log buffer of the ``"abs"`` transform (added to the plan if missing): ln relu(x)' =
+    ln |x|' where relu(x) > 0, and the terms are 0 elsewhere.
+
+    Args:
+        units: (B, C, P) layer output.
+        plan: ``transform -> _Need``.
+        scratch: the reused buffers.
+        relu: what the following ReLU needs, or None.
+
+    Returns:
+        ``transform -> _Sums`` and the ReLU's ``_Sums`` (or None).
+    """
+    dtype = torch.float64 if units.dtype == torch.float64 else torch.float32
+    floor, big = _LOG_FLOOR[dtype], _K[dtype]
+    b, c, p = units.shape
+    per = max(1, c * p)
+    plan = dict(plan)
+    if relu is not None:  # the ReLU's sums need the scale and (for entropy) the log of |x|
+        plan["abs"] = plan.get("abs", _Need()).merged(_Need(log=relu.log, sq=True))
+    k = max(1, min(b, _CHUNK_ELEMENTS // per))
+    dev = units.device
+    like = torch.empty(0, dtype=dtype, device=dev)
+    out = {
+        t: _Sums(need, f"sums{i}", (b, c, p), like, scratch)
+        for i, (t, need) in enumerate(plan.items())
+    }
+    relu_sums = None if relu is None else _Sums(relu, "relu", (b, c, p), like, scratch)
+    for start in range(0, b, k):
+        stop = min(b, start + k)
+        xc = units[start:stop]
+        n = stop - start
+        for t, need in plan.items():
+            res = out[t]
+            nslot = len(res.slot)
+            w = scratch.get("work", nslot * n * per, dtype, dev).view(n, nslot, c, p)
+            a = w[:, 0]
+            _load(xc, a, t)
+            if need.zero:
+                _zeros(a, need.tol, w[:, res.slot["z"]])
+            factor = res.factor[start:stop]
+            if need.log or need.sq:
+                total = a.sum(dim=(1, 2))
+                ok = torch.isfinite(total) & (total > 0)
+                factor.copy_(torch.where(ok, (big * per) / total, 1.0))
+                a.mul_(factor.view(n, 1, 1))
+            else:
+                factor.fill_(1.0)
+            lg = None
+            if need.log:
+                lg = scratch.get("log", n * per, dtype, dev).view(n, c, p)
+                torch.clamp_min(a, floor, out=lg)
+                lg.log_()
+                torch.mul(a, lg, out=w[:, res.slot["t"]])
+            if need.sq:
+                torch.mul(a, a, out=w[:, res.slot["q"]])
+            torch.sum(w, dim=3, out=res.cs[start:stop])
+            if res.ps is not None:
+                torch.sum(w, dim=2, out=res.ps[start:stop])
+            if t == "abs" and relu is not None and relu_sums is not None:
+                nr = len(relu_sums.slot)
+                r = scratch.get("relu", nr * n * per, dtype, dev).view(n, nr, c, p)
+                pos = r[:, 0]
+                _load(xc, pos, "relu")
+                if relu.zero:
+                    _zeros(pos, relu.tol, r[:, relu_sums.slot["z"]])
+                pos.mul_(factor.view(n, 1, 1))
+                relu_sums.factor[start:stop].copy_(factor)
+                if relu.log:
+                    assert lg is not None
+                    torch.mul(pos, lg, out=r[:, relu_sums.slot["t"]])
+                if relu.sq:
+                    torch.mul(pos, pos, out=r[:, relu_sums.slot["q"]])
+                torch.sum(r, dim=3, out=relu_sums.cs[start:stop])
+                if relu_sums.ps is not None:
+                    torch.sum(r, dim=2, out=relu_sums.ps[start:stop])
+    return out, relu_sums
+
+
+def _entropy_measure(s: Tensor, t: Tensor, n: int, kind: str, out: Tensor, tmp: Tensor) -> Tensor:
+    """Perplexity (``kind`` a variant) or entropy sparsity from S, T into ``out`` (same shape);
+    a dead group (S = 0, so T = 0) gets H = 0, as in :mod:`xai_sparsity.measures`."""
+    tiny = torch.finfo(out.dtype).tiny
+    torch.clamp_min(s, tiny, out=tmp)
+    torch.div(t, tmp, out=out)
+    torch.sub(tmp.log_(), out, out=out)  # H = ln S - T / S
+    out.clamp_min_(0.0)
+    if kind == "entropy":
+        return out.mul_(-1.0 / math.log(n)).add_(1.0).clamp_(0.0, 1.0)
+    out.exp_()  # PP
+    if kind == "normalized":
+        return out.sub_(n).div_(1.0 - n).clamp_(0.0, 1.0)
+    return out.div_(-n).add_(1.0).clamp_(0.0, 1.0 - 1.0 / n)
+
+
+def _hoyer_measure(s: Tensor, q: Tensor, n: int, out: Tensor, tmp: Tensor) -> Tensor:
+    """Hoyer sparsity of groups of N values from S = sum a, Q = sum a^2 into ``out`` (1 if all
+    zero: S = Q = 0 gives the ratio 0, clamped to 1)."""
+    tiny = torch.finfo(out.dtype).tiny
+    torch.clamp_min(q, tiny, out=tmp).sqrt_()
+    torch.div(s, tmp, out=out)
+    root_n = math.sqrt(n)
+    return out.sub_(root_n).div_(1.0 - root_n).clamp_(0.0, 1.0)
+
+
 class _LayerAccumulator:
-    """Streams one layer's outputs into a :class:`LayerSweep` (device-side, no host syncs)."""
+    """Streams one layer's outputs into a :class:`LayerSweep` (device-side, no host syncs).
+
+    The measures of :data:`_FUSED_OPTIONS` come from shared chunked passes over one transformed
+    buffer per transform (:func:`_batch_sums`): one ``log`` per element serves perplexity and
+    entropy at every scope, the same buffer gives the Hoyer sums, zero counts and the channel
+    means that lifetime sparsity needs. Other measures go through their measure functions. A
+    ReLU layer whose input is the previous layer's output can take its sums from that layer's
+    pass (``shared``; see :func:`sweep`).
+    """
 
     def __init__(
         self,
@@ -222,13 +502,18 @@ class _LayerAccumulator:
         options: Mapping[str, Mapping[str, Any]],
         correlation: bool,
         lifetime: bool,
+        scratch: _Scratch | None = None,
     ) -> None:
+        from xai_sparsity.measures import compute_measure
+
         self.name = name
         self.shape = tuple(out.shape[1:])
         self.device = out.device
         self.measures = tuple(measures)
         self.scopes = tuple(s for s in scopes if _scope_applies(s, out))
         self.options = {m: {**dict(options.get(m, {})), "check_finite": False} for m in measures}
+        for m in self.measures:  # bad option names or values fail here, before the sweep runs
+            compute_measure(m, out[:1].detach(), "layer", **self.options[m])
         self.stats = {(m, s): RunningStats(self.device) for m in self.measures for s in self.scopes}
         self.channel_sum: dict[str, Tensor] = {}
         self.spatial_sum: dict[str, Tensor] = {}
@@ -237,15 +522,59 @@ class _LayerAccumulator:
         if correlation and out.dim() >= 3 and out.shape[1] >= 2:
             from xai_sparsity.correlation import CorrelationAccumulator
 
-            self.corr = CorrelationAccumulator(over="positions")
+            precision = "double" if out.dtype == torch.float64 else "single"
+            self.corr = CorrelationAccumulator(over="positions", precision=precision)
         perplexity = dict(options.get("perplexity", {}))
         self.life_variant = str(perplexity.get("variant", "normalized"))
         self.life_transform = str(perplexity.get("transform", "abs"))
         self.lifetime = lifetime
         self.life_s: Tensor | None = None
         self.life_t: Tensor | None = None
+        self.scratch = scratch if scratch is not None else _Scratch()
+        floating = out.is_floating_point()
+        self.fused = tuple(
+            m
+            for m in self.measures
+            if floating and m in _FUSED_OPTIONS and set(options.get(m, {})) <= _FUSED_OPTIONS[m]
+        )
+        self.plan = self._plan(out)
 
-    def update(self, out: Tensor) -> None:
+    def _transform(self, m: str) -> str:
+        return "abs" if m == "zero_fraction" else str(self.options[m].get("transform", "abs"))
+
+    def _plan(self, out: Tensor) -> dict[str, _Need]:
+        """transform -> what the fused measures (and lifetime sparsity) need of it."""
+        plan: dict[str, _Need] = {}
+        spatial = "spatial" in self.scopes
+        for m in self.fused:
+            if m == "zero_fraction":
+                tol = float(self.options[m].get("tol", 0.0))
+                need = _Need(zero=True, tol=tol, spatial=spatial)
+            elif m == "hoyer":
+                need = _Need(sq=True, spatial=spatial)
+            else:
+                need = _Need(log=True, spatial=spatial)
+            t = self._transform(m)
+            plan[t] = plan.get(t, _Need()).merged(need)
+        if self.lifetime and out.dim() >= 3 and self.life_transform not in plan:
+            plan[self.life_transform] = _Need()
+        return plan
+
+    def relu_need(self) -> _Need | None:
+        """Everything this layer needs, when it is a ReLU computed from its input's pass
+        (relu(x) is its own |.| and relu), or None if it has nothing to share."""
+        if not self.plan:
+            return None
+        need = _Need()
+        for n in self.plan.values():
+            need = need.merged(n)
+        return need
+
+    def update(
+        self, out: Tensor, shared: _Sums | None = None, relu: _Need | None = None
+    ) -> _Sums | None:
+        """Add one batch output (B, ...). ``shared``: this layer's sums computed by the previous
+        layer's pass; ``relu``: also compute (and return) the sums of a following ReLU."""
         from xai_sparsity.measures import compute_measure
 
         if tuple(out.shape[1:]) != self.shape:
@@ -257,30 +586,64 @@ class _LayerAccumulator:
         out = out.detach()
         b = out.shape[0]
         self.n += b
+        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        dense = out.dim() == 2
+        units = out.reshape(b, 1, -1) if dense else out.reshape(b, out.shape[1], -1)
+        c, p = units.shape[1], units.shape[2]
+        relu_sums = None
+        if shared is not None:
+            sums = {t: shared for t in self.plan}
+        elif self.plan:
+            sums, relu_sums = _batch_sums(units, self.plan, self.scratch, relu)
+        else:
+            sums = {}
+        n_of = {"layer": c * p, "channel": p, "spatial": c}
+        width = {"layer": 1, "channel": c, "spatial": p}
         for m in self.measures:
+            opts = self.options[m]
+            res = sums.get(self._transform(m))
             for s in self.scopes:
-                v = compute_measure(m, out, s, **self.options[m])
+                if m not in self.fused or res is None:
+                    v = compute_measure(m, out, s, **opts)
+                else:
+                    numel = b * width[s]
+                    v = self.scratch.get("values", numel, dtype, out.device).view(b, width[s])
+                    tmp = self.scratch.get("tmp", numel, dtype, out.device).view(b, width[s])
+                    get = res.p if s == "spatial" else res.c
+                    names = {"zero_fraction": ("z",), "hoyer": ("s", "q")}.get(m, ("s", "t"))
+                    if s == "layer":  # sums over the channels
+                        parts = [get(nm).sum(1, keepdim=True) for nm in names]
+                    else:
+                        parts = [get(nm) for nm in names]
+                    if m == "zero_fraction":
+                        torch.div(parts[0], n_of[s], out=v)
+                    elif m == "hoyer":
+                        _hoyer_measure(parts[0], parts[1], n_of[s], v, tmp)
+                    else:
+                        kind = str(opts.get("variant", "normalized"))
+                        kind = "entropy" if m == "entropy" else kind
+                        _entropy_measure(parts[0], parts[1], n_of[s], kind, v, tmp)
+                    v = v.reshape(b) if s == "layer" else v
+                    if s == "spatial":
+                        v = v.view(b, *out.shape[2:])
                 self.stats[(m, s)].update(v)
-                if s == "channel":
-                    acc = v.to(torch.float64).sum(0)
-                    self.channel_sum[m] = (
-                        self.channel_sum[m] + acc if m in self.channel_sum else acc
-                    )
-                elif s == "spatial":
-                    acc = v.to(torch.float64).sum(0)
-                    self.spatial_sum[m] = (
-                        self.spatial_sum[m] + acc if m in self.spatial_sum else acc
-                    )
+                if s in ("channel", "spatial"):
+                    acc = v.sum(0).to(torch.float64)
+                    total = self.channel_sum if s == "channel" else self.spatial_sum
+                    total[m] = total[m] + acc if m in total else acc
         if self.corr is not None:
             self.corr.update(out)
         if self.lifetime:
-            a = out.to(torch.float64)
-            a = a.abs() if self.life_transform == "abs" else a.clamp_min(0)
-            if a.dim() > 2:
-                a = a.mean(dim=tuple(range(2, a.dim())))
+            if dense:
+                a = out.to(torch.float64)
+                a = a.abs() if self.life_transform == "abs" else a.clamp_min(0)
+            else:  # the channel means of the transformed output, from the sums
+                res = sums[self.life_transform]
+                a = res.c("s").to(torch.float64) / (res.factor.to(torch.float64).view(b, 1) * p)
             s_sum, t_sum = a.sum(0), torch.xlogy(a, a).sum(0)
             self.life_s = s_sum if self.life_s is None else self.life_s + s_sum
             self.life_t = t_sum if self.life_t is None else self.life_t + t_sum
+        return relu_sums
 
     def finish(self, name: str) -> LayerSweep:
         lifetime = None
@@ -312,10 +675,10 @@ def _lifetime_from_sums(s: Tensor, t: Tensor | None, m: int, variant: str) -> Te
     safe = torch.where(dead, torch.ones_like(s), s)
     h = torch.log(safe) - t / safe
     pp = torch.exp(h)
-    if variant == "relative":
+    if variant == "relative":  # a unit never active: PP = 1, as in the measure functions
         value = (1.0 - pp / m).clamp(0.0, 1.0 - 1.0 / m)
-    else:
-        value = ((m - pp) / (m - 1)).clamp(0.0, 1.0)
+        return torch.where(dead, torch.full_like(value, 1.0 - 1.0 / m), value).cpu()
+    value = ((m - pp) / (m - 1)).clamp(0.0, 1.0)
     return torch.where(dead, torch.ones_like(value), value).cpu()
 
 
@@ -545,24 +908,70 @@ def sweep(
         total = max_batches if total is None else min(total, max_batches)
 
     accs: dict[str, _LayerAccumulator] = {}
+    scratch = _Scratch()
+    # A selected nn.ReLU whose input is the output just measured (conv -> ReLU) takes its sums
+    # from that layer's pass: relu(x) > 0 where x > 0, so the one log of |x| serves both. The
+    # pairing is learnt in a first batch and checked on every use by tensor identity and version.
+    relu_inputs: dict[str, tuple[weakref.ref[Tensor], int]] = {}
+    feeds: dict[str, str] = {}  # layer -> the ReLU layer that consumes its output
+    last: list[tuple[str, weakref.ref[Tensor], int]] = []
+    pending: list[tuple[weakref.ref[Tensor], int, str, _Sums]] = []
+
+    def relu_pre_hook(module_name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if args and isinstance(args[0], Tensor):
+                relu_inputs[module_name] = (weakref.ref(args[0]), args[0]._version)
+
+        return hook
 
     def reduce(name: str, out: Tensor) -> None:
+        shared = None
+        seen = relu_inputs.pop(name.split("#")[0], None)
+        if seen is not None:
+            ref, version = seen
+            inp = ref()
+            if inp is not None and pending and pending[0][0]() is inp:
+                if pending[0][1] == version and pending[0][2] == name:
+                    shared = pending[0][3]
+            elif (
+                inp is not None
+                and last
+                and last[0][1]() is inp
+                and last[0][2] == version
+                and (inp.shape, inp.dtype) == (out.shape, out.dtype)
+            ):
+                feeds[last[0][0]] = name
+        pending.clear()
         acc = accs.get(name)
         if acc is None:
             acc = accs[name] = _LayerAccumulator(
-                name, out, measures, scopes, options, correlation, lifetime
+                name, out, measures, scopes, options, correlation, lifetime, scratch
             )
-        acc.update(out)
+        target_acc = accs.get(feeds.get(name, ""))
+        relu_need = target_acc.relu_need() if target_acc is not None else None
+        if relu_need is not None and (out.dim() < 3 or not out.is_floating_point()):
+            relu_need = None
+        relu_sums = acc.update(out, shared=shared, relu=relu_need)
+        if relu_sums is not None:
+            pending.append((weakref.ref(out), out._version, feeds[name], relu_sums))
+        last[:] = [(name, weakref.ref(out), out._version)]
 
     from tqdm.auto import tqdm
 
     moved = target != home and bool(params)
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
     n_samples = 0
     n_batches = 0
     try:
         if moved:
             root.to(target)
         cap = capture(root, layers, mode="reduce", measures=(), reduce_fn=reduce)
+        modules = dict(root.named_modules())
+        hooks.extend(
+            modules[n].register_forward_pre_hook(relu_pre_hook(n))
+            for n in cap.layers
+            if type(modules.get(n)) is nn.ReLU
+        )
         with _eval_mode(root), torch.no_grad(), cap:
             bar = tqdm(loader, total=total, desc="sweep", unit="batch", disable=not progress)
             try:
@@ -581,6 +990,8 @@ def sweep(
             if n_batches == 0:
                 raise XaiSparsityError("the loader yielded no batches: nothing to sweep")
     finally:
+        for handle in hooks:
+            handle.remove()
         if moved:
             root.to(home)
 

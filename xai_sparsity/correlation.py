@@ -383,7 +383,7 @@ class CorrelationAccumulator:
             m = part.shape[0]
             d = buf[: m * c * p].view(m, c, p)
             torch.sub(part, shift_w, out=d)
-            lows.append(part.amin(dim=2).amin(dim=0))
+            lows.append(part.amin(dim=2).amin(dim=0))  # (aminmax with a dim is slower)
             highs.append(part.amax(dim=2).amax(dim=0))
             sums.append(d.sum(dim=2).sum(dim=0, dtype=f64))
             outers.append(torch.bmm(d, d.transpose(1, 2)).sum(dim=0, dtype=f64))

@@ -342,7 +342,12 @@ def test_float32_fused_statistics_match_the_measure_functions(
     g = torch.Generator().manual_seed(3)
     x = torch.randn(10, 3, 8, 8, generator=g) * magnitude
     x[2] = 0.0  # an all-zero input: bias-only maps
+    first = sweep(net, [x[:4], x[4:7], x[7:]], progress=False, measure_options=options)
+    # a second sweep shares the ReLU sums from its first batch on (the pairing is remembered)
     res = sweep(net, [x[:4], x[4:7], x[7:]], progress=False, measure_options=options)
+    for name, ls in res.layers.items():
+        for key, rs in ls.stats.items():
+            assert math.isclose(rs.mean, first.layers[name].stats[key].mean, abs_tol=1e-6)
     ref_net = _relu_net(False)  # the same weights, outputs kept apart
     with torch.no_grad(), capture(ref_net) as cap:
         ref_net(x)

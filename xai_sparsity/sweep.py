@@ -509,6 +509,7 @@ class _LayerAccumulator:
         self.name = name
         self.shape = tuple(out.shape[1:])
         self.device = out.device
+        self.dtype = out.dtype
         self.measures = tuple(measures)
         self.scopes = tuple(s for s in scopes if _scope_applies(s, out))
         self.options = {m: {**dict(options.get(m, {})), "check_finite": False} for m in measures}
@@ -780,6 +781,11 @@ class SweepResult:
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
+_RELU_FEEDS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
+"""Per model: which selected ReLU consumes which measured layer's output, learnt by earlier
+batches and sweeps (a hint only: every use is checked by tensor identity and version)."""
+
+
 def _auto_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -908,12 +914,13 @@ def sweep(
         total = max_batches if total is None else min(total, max_batches)
 
     accs: dict[str, _LayerAccumulator] = {}
+    seen_order: dict[str, None] = {}  # layers in the order of their first call
     scratch = _Scratch()
     # A selected nn.ReLU whose input is the output just measured (conv -> ReLU) takes its sums
     # from that layer's pass: relu(x) > 0 where x > 0, so the one log of |x| serves both. The
     # pairing is learnt in a first batch and checked on every use by tensor identity and version.
     relu_inputs: dict[str, tuple[weakref.ref[Tensor], int]] = {}
-    feeds: dict[str, str] = {}  # layer -> the ReLU layer that consumes its output
+    feeds = _RELU_FEEDS.setdefault(root, {})  # layer -> the ReLU layer that consumes its output
     last: list[tuple[str, weakref.ref[Tensor], int]] = []
     pending: list[tuple[weakref.ref[Tensor], int, str, _Sums]] = []
 
@@ -942,15 +949,22 @@ def sweep(
             ):
                 feeds[last[0][0]] = name
         pending.clear()
+        if name not in seen_order:
+            seen_order[name] = None
         acc = accs.get(name)
-        if acc is None:
+        if acc is None or (acc.n == 0 and (acc.shape, acc.dtype) != (out.shape[1:], out.dtype)):
             acc = accs[name] = _LayerAccumulator(
                 name, out, measures, scopes, options, correlation, lifetime, scratch
             )
-        target_acc = accs.get(feeds.get(name, ""))
-        relu_need = target_acc.relu_need() if target_acc is not None else None
-        if relu_need is not None and (out.dim() < 3 or not out.is_floating_point()):
-            relu_need = None
+        relu_need = None
+        relu_name = feeds.get(name)
+        if relu_name is not None and out.dim() >= 3 and out.is_floating_point():
+            relu_acc = accs.get(relu_name)
+            if relu_acc is None:  # a ReLU's output has its input's shape, dtype and device
+                relu_acc = accs[relu_name] = _LayerAccumulator(
+                    relu_name, out, measures, scopes, options, correlation, lifetime, scratch
+                )
+            relu_need = relu_acc.relu_need()
         relu_sums = acc.update(out, shared=shared, relu=relu_need)
         if relu_sums is not None:
             pending.append((weakref.ref(out), out._version, feeds[name], relu_sums))
@@ -996,7 +1010,8 @@ def sweep(
             root.to(home)
 
     result: dict[str, LayerSweep] = {}
-    for name, acc in accs.items():
+    for name in seen_order:
+        acc = accs[name]
         module = name.split("#")[0]
         final = f"{name}#0" if "#" not in name and module in cap.reused else name
         result[final] = acc.finish(final)

@@ -357,3 +357,31 @@ def test_failed_update_leaves_state_untouched() -> None:
     with pytest.raises(XaiSparsityError):
         acc.update(bad)
     assert acc.n == 8 and torch.equal(acc.correlation(), before)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+def test_single_precision_is_close_and_double_is_exact(
+    mean: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 maps: precision="single" (float32 per-sample Gram, float64 sums over samples)
+    agrees with the float64 batch result to 1e-5 also with a large mean; "double" to 1e-10; both
+    over several chunks of samples."""
+    import xai_sparsity.correlation as corr
+
+    monkeypatch.setattr(corr, "_CHUNK_VALUES", 3 * 6 * 25)  # 3 maps per chunk
+    batches = [b.float() for b in _batches(4, 3, (7, 6, 5, 5), mean=mean)]
+    batches[1][:, 2] = 0.0  # channel 2 dead in one batch only: alive overall
+    expected = filter_correlation(torch.cat(batches).double())
+    for precision, tol in (("single", 1e-5), ("double", 1e-10)):
+        acc = CorrelationAccumulator(precision=precision)
+        for b in batches:
+            acc.update(b)
+        assert acc.n == 21 * 25 and acc.num_dead == 0
+        assert torch.allclose(acc.correlation(), expected, atol=tol, rtol=0), precision
+    dead = torch.randn(4, 3, 5, 5)
+    dead[:, 1] = 2.5  # a constant channel
+    acc = CorrelationAccumulator(precision="single")
+    acc.update(dead)
+    assert acc.dead_mask.tolist() == [False, True, False]
+    with pytest.raises(XaiSparsityError, match="precision='half'"):
+        CorrelationAccumulator(precision="half")

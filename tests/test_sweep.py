@@ -373,3 +373,22 @@ def test_float32_fused_statistics_match_the_measure_functions(
         if ls.correlation is not None:
             r = ls.correlation.correlation()
             assert torch.allclose(r, filter_correlation(act.double()), atol=1e-5), name
+
+
+def test_inference_mode_and_bfloat16() -> None:
+    """Under torch.inference_mode (tensors without version counters: no ReLU sharing) and then
+    outside it (the reused buffers are replaced), and for a bfloat16 model (float32 work)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    batches = [torch.randn(5, 3, 8, 8) for _ in range(3)]
+    with torch.inference_mode():
+        inside = sweep(net, batches, progress=False)
+    outside = sweep(net, batches, progress=False)
+    for key, rs in outside.layers["1"].stats.items():
+        assert math.isclose(rs.mean, inside.layers["1"].stats[key].mean, abs_tol=1e-6), key
+    half = net.to(torch.bfloat16)
+    res = sweep(half, [b.bfloat16() for b in batches], progress=False)
+    with torch.no_grad():
+        act = half(torch.cat(batches).bfloat16())
+    for (m, s), rs in res.layers["1"].stats.items():
+        assert math.isclose(rs.mean, float(compute_measure(m, act, s).mean()), abs_tol=1e-5)

@@ -936,7 +936,8 @@ def sweep(
 
     def relu_pre_hook(module_name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            if args and isinstance(args[0], Tensor):
+            # inference tensors keep no version counter: no sharing for them
+            if args and isinstance(args[0], Tensor) and not args[0].is_inference():
                 relu_inputs[module_name] = (weakref.ref(args[0]), args[0]._version)
 
         return hook
@@ -967,7 +968,8 @@ def sweep(
                 name, out, measures, scopes, options, correlation, lifetime, scratch
             )
         relu_need = None
-        relu_name = feeds.get(name)
+        tracked = not out.is_inference()
+        relu_name = feeds.get(name) if tracked else None
         if relu_name is not None and out.dim() >= 3 and out.is_floating_point():
             relu_acc = accs.get(relu_name)
             if relu_acc is None:  # a ReLU's output has its input's shape, dtype and device
@@ -978,7 +980,7 @@ def sweep(
         relu_sums = acc.update(out, shared=shared, relu=relu_need)
         if relu_sums is not None:
             pending.append((weakref.ref(out), out._version, feeds[name], relu_sums))
-        last[:] = [(name, weakref.ref(out), out._version)]
+        last[:] = [(name, weakref.ref(out), out._version)] if tracked else []
 
     from tqdm.auto import tqdm
 

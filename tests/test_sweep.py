@@ -392,3 +392,23 @@ def test_inference_mode_and_bfloat16() -> None:
         act = half(torch.cat(batches).bfloat16())
     for (m, s), rs in res.layers["1"].stats.items():
         assert math.isclose(rs.mean, float(compute_measure(m, act, s).mean()), abs_tol=1e-5)
+
+
+def test_nonfinite_units_match_the_measure_functions() -> None:
+    """An Inf or NaN makes its own units non-finite (left out, warned) and leaves the other units
+    of the sample as the measure functions give them; an all-zero sample is dead (1)."""
+    net = nn.Sequential(nn.LeakyReLU(0.5))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 4, 5, 5, generator=g)
+    x[0, 1, 2, 2] = float("inf")
+    x[1, 2, 0, 0] = float("nan")
+    x[2] = 0.0
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        res = sweep(net, [x], correlation=False, lifetime=False, progress=False)
+    act = net(x)
+    for (m, s), rs in res.layers["0"].stats.items():
+        ref = compute_measure(m, act, s, check_finite=False).double().flatten()
+        finite = ref[torch.isfinite(ref)]
+        assert rs.n == finite.numel() and rs.nonfinite == ref.numel() - finite.numel(), (m, s)
+        assert math.isclose(rs.mean, float(finite.mean()), abs_tol=1e-6), (m, s)
+        assert math.isclose(rs.max, float(finite.max()), abs_tol=1e-6), (m, s)

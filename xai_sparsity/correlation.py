@@ -42,7 +42,7 @@ OVER: tuple[str, ...] = ("positions", "images")
 PRECISIONS: tuple[str, ...] = ("double", "single")
 _STATE_VERSION = 1
 _SLICE_VALUES = 2**24  # values per float64 slice in CorrelationAccumulator.update (128 MiB)
-_CHUNK_VALUES = 2**17  # values per chunk of the (B, C, positions) path: the buffer stays in cache
+_CHUNK_VALUES = 2**18  # values per chunk of the (B, C, positions) path: the buffer stays in cache
 
 
 def _shape_str(x: Tensor) -> str:

@@ -264,7 +264,7 @@ class LayerSweep:
     n_samples: int = 0
 
 
-_CHUNK_ELEMENTS = 1 << 17
+_CHUNK_ELEMENTS = 1 << 18
 """Elements per chunk of the fused statistics pass (per slot): the buffers stay in cache."""
 
 _FUSED_OPTIONS: dict[str, frozenset[str]] = {
@@ -415,54 +415,75 @@ def _batch_sums(
         for i, (t, need) in enumerate(plan.items())
     }
     relu_sums = None if relu is None else _Sums(relu, "relu", (b, c, p), like, scratch)
-    for start in range(0, b, k):
-        stop = min(b, start + k)
-        xc = units[start:stop]
-        n = stop - start
+
+    def views(n: int) -> tuple[dict[str, tuple[Tensor, ...]], Tensor, tuple[Tensor, ...]]:
+        """The buffers of a chunk of n samples: per transform (stack, a, slots...), the log,
+        the ReLU's (stack, relu(x), slots...); built once per batch and chunk size."""
+        per_t = {}
+        for t, res in out.items():
+            w = scratch.get("work", len(res.slot) * n * per, dtype, dev).view(n, -1, c, p)
+            per_t[t] = (w, *(w[:, i] for i in range(len(res.slot))))
+        lg = scratch.get("log", n * per, dtype, dev).view(n, c, p)
+        rv: tuple[Tensor, ...] = ()
+        if relu_sums is not None:
+            r = scratch.get("relu", len(relu_sums.slot) * n * per, dtype, dev).view(n, -1, c, p)
+            rv = (r, *(r[:, i] for i in range(len(relu_sums.slot))))
+        return per_t, lg, rv
+
+    full = views(k)
+    rest = views(b % k) if b % k else full
+    splits = {
+        t: (res.factor.split(k), res.cs.split(k), None if res.ps is None else res.ps.split(k))
+        for t, res in out.items()
+    }
+    r_splits = None
+    if relu_sums is not None:
+        ps = None if relu_sums.ps is None else relu_sums.ps.split(k)
+        r_splits = (relu_sums.cs.split(k), ps)
+    for i, start in enumerate(range(0, b, k)):
+        xc = units[start : start + k]
+        n = xc.shape[0]
+        per_t, lg, rv = full if n == k else rest
         for t, need in plan.items():
             res = out[t]
-            nslot = len(res.slot)
-            w = scratch.get("work", nslot * n * per, dtype, dev).view(n, nslot, c, p)
-            a = w[:, 0]
+            w, a, *slots = per_t[t]
+            factors, cs, ps = splits[t]
+            factor = factors[i]
             _load(xc, a, t)
             if need.zero:
-                _zeros(a, need.tol, w[:, res.slot["z"]])
-            factor = res.factor[start:stop]
+                _zeros(a, need.tol, slots[res.slot["z"] - 1])
             if need.log or need.sq:
-                total = a.sum(dim=(1, 2))
-                ok = torch.isfinite(total) & (total > 0)
-                factor.copy_(torch.where(ok, (big * per) / total, 1.0))
+                torch.div(big * per, a.sum(dim=(1, 2)), out=factor)  # K / mean
+                factor.nan_to_num_(nan=1.0, posinf=1.0)  # all-zero or NaN map: 1
+                factor.masked_fill_(factor == 0, 1.0)  # an Inf in the map: 1
                 a.mul_(factor.view(n, 1, 1))
             else:
                 factor.fill_(1.0)
-            lg = None
             if need.log:
-                lg = scratch.get("log", n * per, dtype, dev).view(n, c, p)
                 torch.clamp_min(a, floor, out=lg)
                 lg.log_()
-                torch.mul(a, lg, out=w[:, res.slot["t"]])
+                torch.mul(a, lg, out=slots[res.slot["t"] - 1])
             if need.sq:
-                torch.mul(a, a, out=w[:, res.slot["q"]])
-            torch.sum(w, dim=3, out=res.cs[start:stop])
-            if res.ps is not None:
-                torch.sum(w, dim=2, out=res.ps[start:stop])
+                torch.mul(a, a, out=slots[res.slot["q"] - 1])
+            torch.sum(w, dim=3, out=cs[i])
+            if ps is not None:
+                torch.sum(w, dim=2, out=ps[i])
             if t == "abs" and relu is not None and relu_sums is not None:
-                nr = len(relu_sums.slot)
-                r = scratch.get("relu", nr * n * per, dtype, dev).view(n, nr, c, p)
-                pos = r[:, 0]
+                assert r_splits is not None
+                r, pos, *rslots = rv
                 _load(xc, pos, "relu")
                 if relu.zero:
-                    _zeros(pos, relu.tol, r[:, relu_sums.slot["z"]])
+                    _zeros(pos, relu.tol, rslots[relu_sums.slot["z"] - 1])
                 pos.mul_(factor.view(n, 1, 1))
-                relu_sums.factor[start:stop].copy_(factor)
                 if relu.log:
-                    assert lg is not None
-                    torch.mul(pos, lg, out=r[:, relu_sums.slot["t"]])
+                    torch.mul(pos, lg, out=rslots[relu_sums.slot["t"] - 1])
                 if relu.sq:
-                    torch.mul(pos, pos, out=r[:, relu_sums.slot["q"]])
-                torch.sum(r, dim=3, out=relu_sums.cs[start:stop])
-                if relu_sums.ps is not None:
-                    torch.sum(r, dim=2, out=relu_sums.ps[start:stop])
+                    torch.mul(pos, pos, out=rslots[relu_sums.slot["q"] - 1])
+                torch.sum(r, dim=3, out=r_splits[0][i])
+                if r_splits[1] is not None:
+                    torch.sum(r, dim=2, out=r_splits[1][i])
+    if relu_sums is not None:
+        relu_sums.factor.copy_(out["abs"].factor)
     return out, relu_sums
 
 

@@ -381,7 +381,12 @@ def test_single_precision_is_close_and_double_is_exact(
     dead = torch.randn(4, 3, 5, 5)
     dead[:, 1] = 2.5  # a constant channel
     acc = CorrelationAccumulator(precision="single")
-    acc.update(dead)
+    for _ in range(3):
+        acc.update(dead)
     assert acc.dead_mask.tolist() == [False, True, False]
+    later = dead.clone()
+    later[0, 1, 0, 0] = 3.0  # it varies in a later batch: live
+    acc.update(later)
+    assert acc.dead_mask.tolist() == [False, False, False]
     with pytest.raises(XaiSparsityError, match="precision='half'"):
         CorrelationAccumulator(precision="half")

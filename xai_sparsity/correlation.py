@@ -374,6 +374,11 @@ class CorrelationAccumulator:
         if shift is None:  # the first chunk's mean, exactly representable in the work dtype
             shift = units[:k].mean(dim=(0, 2), dtype=f64).to(work).to(f64)
         shift_w = shift.to(work).view(1, c, 1)
+        # The min/max only tell dead (constant) channels: once a channel has varied it stays
+        # live, so its extremes need no more passes (on the CPU, where the check is free).
+        track = True
+        if self._min is not None and self._max is not None and x.device.type == "cpu":
+            track = bool((self._min == self._max).any())
         sums: list[Tensor] = []
         outers: list[Tensor] = []
         lows: list[Tensor] = []
@@ -383,14 +388,19 @@ class CorrelationAccumulator:
             m = part.shape[0]
             d = buf[: m * c * p].view(m, c, p)
             torch.sub(part, shift_w, out=d)
-            lows.append(part.amin(dim=2).amin(dim=0))  # (aminmax with a dim is slower)
-            highs.append(part.amax(dim=2).amax(dim=0))
+            if track:
+                lows.append(part.amin(dim=2).amin(dim=0))  # (aminmax with a dim is slower)
+                highs.append(part.amax(dim=2).amax(dim=0))
             sums.append(d.sum(dim=2).sum(dim=0, dtype=f64))
             outers.append(torch.bmm(d, d.transpose(1, 2)).sum(dim=0, dtype=f64))
         batch_sum = torch.stack(sums).sum(0)
         batch_outer = torch.stack(outers).sum(0)
-        low = torch.stack(lows).amin(0).to(f64)
-        high = torch.stack(highs).amax(0).to(f64)
+        if track:
+            low = torch.stack(lows).amin(0).to(f64)
+            high = torch.stack(highs).amax(0).to(f64)
+        else:
+            assert self._min is not None and self._max is not None
+            low, high = self._min, self._max
         return batch_sum, batch_outer, low, high, shift, b * p
 
     def _to(self, device: torch.device) -> None:

@@ -487,17 +487,20 @@ def _batch_sums(
     return out, relu_sums
 
 
-def _entropy_measure(s: Tensor, t: Tensor, n: int, kind: str, out: Tensor, tmp: Tensor) -> Tensor:
-    """Perplexity (``kind`` a variant) or entropy sparsity from S, T into ``out`` (same shape);
-    a dead group (S = 0, so T = 0) gets H = 0, as in :mod:`xai_sparsity.measures`."""
-    tiny = torch.finfo(out.dtype).tiny
-    torch.clamp_min(s, tiny, out=tmp)
+def _entropy_h(s: Tensor, t: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+    """H = ln S - T / S into ``out``, >= 0; a dead group (S = 0, so T = 0) gets H = 0."""
+    torch.clamp_min(s, torch.finfo(out.dtype).tiny, out=tmp)
     torch.div(t, tmp, out=out)
-    torch.sub(tmp.log_(), out, out=out)  # H = ln S - T / S
-    out.clamp_min_(0.0)
+    return torch.sub(tmp.log_(), out, out=out).clamp_min_(0.0)
+
+
+def _entropy_measure(h: Tensor, n: int, kind: str, out: Tensor) -> Tensor:
+    """Perplexity (``kind`` a variant) or entropy sparsity of groups of N units from their
+    entropy H, into ``out``; H = 0 (a dead group) gives 1 (1 - 1/N for "relative"), as in
+    :mod:`xai_sparsity.measures`."""
     if kind == "entropy":
-        return out.mul_(-1.0 / math.log(n)).add_(1.0).clamp_(0.0, 1.0)
-    out.exp_()  # PP
+        return torch.mul(h, -1.0 / math.log(n), out=out).add_(1.0).clamp_(0.0, 1.0)
+    torch.exp(h, out=out)  # PP
     if kind == "normalized":
         return out.sub_(n).div_(1.0 - n).clamp_(0.0, 1.0)
     return out.div_(-n).add_(1.0).clamp_(0.0, 1.0 - 1.0 / n)
@@ -631,6 +634,7 @@ class _LayerAccumulator:
             sums = {}
         n_of = {"layer": c * p, "channel": p, "spatial": c}
         width = {"layer": 1, "channel": c, "spatial": p}
+        entropies: dict[str, Tensor] = {}
         for m in self.measures:
             opts = self.options[m]
             res = sums.get(self._transform(m))
@@ -651,10 +655,15 @@ class _LayerAccumulator:
                         torch.div(parts[0], n_of[s], out=v)
                     elif m == "hoyer":
                         _hoyer_measure(parts[0], parts[1], n_of[s], v, tmp)
-                    else:
+                    else:  # H once per transform and scope, for perplexity and entropy
+                        key = f"h:{self._transform(m)}:{s}"
+                        h = entropies.get(key)
+                        if h is None:
+                            h = self.scratch.get(key, numel, dtype, out.device).view(b, width[s])
+                            h = entropies[key] = _entropy_h(parts[0], parts[1], h, tmp)
                         kind = str(opts.get("variant", "normalized"))
                         kind = "entropy" if m == "entropy" else kind
-                        _entropy_measure(parts[0], parts[1], n_of[s], kind, v, tmp)
+                        _entropy_measure(h, n_of[s], kind, v)
                     v = v.reshape(b) if s == "layer" else v
                     if s == "spatial":
                         v = v.view(b, *out.shape[2:])

@@ -86,6 +86,7 @@ def test_streaming_equals_one_batch_and_manual() -> None:
         if act.dim() > 2:
             assert ls.correlation is not None
             r = ls.correlation.correlation()
+            assert one.correlation is not None
             assert torch.allclose(r, one.correlation.correlation(), atol=1e-10)
             assert torch.allclose(r, filter_correlation(act), atol=1e-10)
         else:  # dense layers: layer scope only, no filter correlation
@@ -149,6 +150,9 @@ def test_sweep_restores_flags_bn_stats_and_device() -> None:
     model[4].eval()
     flags = {n: m.training for n, m in model.named_modules()}
     bn = model[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    assert bn.running_mean is not None and bn.running_var is not None
+    assert bn.num_batches_tracked is not None
     before = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
     x, _ = data(6)
     model[1].train()
@@ -246,7 +250,7 @@ def test_bad_inputs() -> None:
     with pytest.raises(XaiSparsityError, match="iterable of batches"):
         sweep(model, 42, progress=False)  # type: ignore[arg-type]
     with pytest.raises(XaiSparsityError, match="DataLoader"):
-        sweep(model, TensorDataset(x), progress=False)
+        sweep(model, TensorDataset(x), progress=False)  # type: ignore[arg-type]
     with pytest.raises(XaiSparsityError, match=r"batch 0 .* str"):
         sweep(model, ["cat.png"], progress=False)
     with pytest.raises(XaiSparsityError, match=r"keys \['label'\]"):

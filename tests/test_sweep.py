@@ -261,6 +261,12 @@ def test_bad_inputs() -> None:
         sweep(model, [x], layers="features.*", progress=False)
     with pytest.raises(XaiSparsityError, match="not among"):
         sweep(model, [x], measures=("hoyer",), measure_options={"entropy": {}}, progress=False)
+    with pytest.raises(XaiSparsityError, match=r"transform='square'"):
+        sweep(model, [x], measure_options={"hoyer": {"transform": "square"}}, progress=False)
+    with pytest.raises(XaiSparsityError, match=r"variant='x'"):  # used by lifetime sparsity
+        sweep(model, [x], measures=("hoyer",), measure_options={"perplexity": {"variant": "x"}})
+    with pytest.raises(XaiSparsityError, match="tol=-1"):
+        sweep(model, [x], measure_options={"zero_fraction": {"tol": -1}}, progress=False)
 
 
 @settings(max_examples=30, deadline=None)

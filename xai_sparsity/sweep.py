@@ -538,7 +538,6 @@ class _LayerAccumulator:
         lifetime: bool,
         scratch: _Scratch | None = None,
     ) -> None:
-        from xai_sparsity.measures import compute_measure
 
         self.name = name
         self.shape = tuple(out.shape[1:])
@@ -547,8 +546,6 @@ class _LayerAccumulator:
         self.measures = tuple(measures)
         self.scopes = tuple(s for s in scopes if _scope_applies(s, out))
         self.options = {m: {**dict(options.get(m, {})), "check_finite": False} for m in measures}
-        for m in self.measures:  # bad option names or values fail here, before the sweep runs
-            compute_measure(m, out[:1].detach(), "layer", **self.options[m])
         self.stats = {(m, s): RunningStats(self.device) for m in self.measures for s in self.scopes}
         self.channel_sum: dict[str, Tensor] = {}
         self.spatial_sum: dict[str, Tensor] = {}
@@ -922,6 +919,12 @@ def sweep(
             raise XaiSparsityError(
                 f"measure_options has key {m!r}, which is not among measures={measures}"
             )
+    from xai_sparsity.measures import compute_measure
+
+    probe = torch.rand(1, 2, 2)  # bad option names or values fail here, before the sweep runs
+    checked = set(measures) | ({"perplexity"} if lifetime else set())
+    for m in checked:
+        compute_measure(m, probe, "layer", **{**dict(options.get(m, {})), "check_finite": False})
     if isinstance(loader, Tensor):
         loader = [loader]
     elif isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):

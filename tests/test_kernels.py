@@ -264,3 +264,24 @@ def test_layer_stats_match_measure_functions() -> None:
     torch.testing.assert_close(d["unit_sum"], dense.abs())
     with pytest.raises(XaiSparsityError, match="at least 2 units"):
         K.layer_stats(torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("mode", ["keep", "reduce"])
+def test_capture_under_inference_mode(mode: str) -> None:
+    net = _cnn(inplace=False)
+    x = torch.randn(5, 2, 6, 6)
+    with torch.inference_mode(), capture(net, None, mode=mode) as cap:
+        net(x)
+        net(x)
+    with torch.no_grad():
+        want = perplexity_sparsity(torch.relu(net[0](x)))
+    if mode == "reduce":
+        got = cap.stats["1"]["perplexity:layer"]
+        torch.testing.assert_close(got, torch.cat([want, want]), rtol=0, atol=2e-6)
+    else:
+        assert cap.activations["1"].shape == (10, 6, 6, 6)
+    table_net = _cnn(inplace=True)
+    with torch.inference_mode():
+        from xai_sparsity.capture import list_layers
+
+        assert len(list_layers(table_net, x)) == 8

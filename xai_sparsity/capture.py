@@ -329,7 +329,7 @@ def list_layers(model: nn.Module, example_input: Any) -> LayerTable:
     order: dict[str, int] = {}
     calls: dict[str, int] = {}
     first: dict[str, tuple[tuple[int, ...], int]] = {}
-    seen_outputs: list[tuple[str, Tensor, int]] = []
+    seen_outputs: list[tuple[str, Tensor, int | None]] = []
     batch = [example_input.shape[0] if isinstance(example_input, Tensor) else None]
 
     def pre_hook(name: str) -> Callable[..., None]:
@@ -348,7 +348,7 @@ def list_layers(model: nn.Module, example_input: Any) -> LayerTable:
             if not isinstance(output, Tensor):
                 return
             calls[name] = calls.get(name, 0) + 1
-            seen_outputs.append((name, output, output._version))
+            seen_outputs.append((name, output, _version_of(output)))
             if name not in first:
                 b = output.shape[0] if output.dim() > 0 else 1
                 b = b or 1
@@ -367,7 +367,7 @@ def list_layers(model: nn.Module, example_input: Any) -> LayerTable:
     finally:
         for h in handles:
             h.remove()
-    inplace = {n for n, t, v in seen_outputs if t._version != v}
+    inplace = {n for n, t, v in seen_outputs if v is not None and t._version != v}
     seen_outputs.clear()
     modules = dict(named)
     rows = [
@@ -483,6 +483,11 @@ def resolve_layers(model: nn.Module, spec: LayerSpec = None) -> list[str]:
 # ----------------------------------------------------------------------------- capture
 
 
+def _version_of(t: Tensor) -> int | None:
+    """``t._version``, or None for inference-mode tensors (they have no version counter)."""
+    return None if t.is_inference() else t._version
+
+
 class _Chunk:
     """One recorded tensor and the version it had when recorded."""
 
@@ -490,7 +495,7 @@ class _Chunk:
 
     def __init__(self, tensor: Tensor) -> None:
         self.tensor = tensor
-        self.version = tensor._version
+        self.version = _version_of(tensor)
 
 
 class _LazyView(Mapping[str, Any]):
@@ -815,7 +820,7 @@ class Capture:
 
         inp = args[0] if args and isinstance(args[0], Tensor) else None
         pos = None
-        if type(module) is nn.ReLU and inp is not None:
+        if type(module) is nn.ReLU and inp is not None and not inp.is_inference():
             want = inp._version - (1 if module.inplace else 0)
             if self._pos_sums is not None:
                 ref, version, sums = self._pos_sums
@@ -836,9 +841,13 @@ class Capture:
             if not sums_finite(sums):
                 self._last = None
                 return {}
-            if name in self._feeds_relu:
-                self._pos_sums = (weakref.ref(out), out._version, sums)
-            self._last = (name, weakref.ref(out), out._version)
+            out_version = _version_of(out)
+            if out_version is None:  # inference mode: no version counter, so no sharing
+                self._last = None
+            else:
+                if name in self._feeds_relu:
+                    self._pos_sums = (weakref.ref(out), out_version, sums)
+                self._last = (name, weakref.ref(out), out_version)
             positive = False
         positions = math.prod(out.shape[1:]) // sums.s.shape[1]  # per unit of the sums
         dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
@@ -940,7 +949,7 @@ class Capture:
         chunks = self._chunks[nk]
         self._sync()
         for c in chunks:
-            if c.tensor._version != c.version:
+            if c.version is not None and c.tensor._version != c.version:
                 raise XaiSparsityError(
                     f"the output of layer {key!r} was modified in place after it was captured "
                     f"(e.g. by a following ReLU(inplace=True) or '+='), so it no longer holds "

@@ -370,7 +370,7 @@ class CorrelationAccumulator:
 
     def _position_sums(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         """Sums of a batch of maps (B, C, ...) over samples and positions, in chunks of samples:
-        the shifted chunk in a reused buffer (B_k, C, P), per-sample Gram matrices by ``bmm``."""
+        the shifted chunk in a reused buffer as (C, B_k * P), its Gram matrix by one GEMM."""
         f64 = torch.float64
         b, c = x.shape[0], x.shape[1]
         units = x.reshape(b, c, -1)
@@ -403,13 +403,17 @@ class CorrelationAccumulator:
             for start in range(0, b, k):
                 part = units[start : start + k]
                 m = part.shape[0]
-                d = buf[: m * c * p].view(m, c, p)
-                torch.sub(part, shift_w, out=d)
+                # channels first: the chunk's positions of all its samples form one (C, m*P)
+                # matrix, so one GEMM gives the chunk's C x C products (per-sample bmm would
+                # write m Gram matrices, costly when P is small next to C)
+                d = buf[: m * c * p].view(c, m, p)
+                torch.sub(part.transpose(0, 1), shift_w.view(c, 1, 1), out=d)
                 if track:
                     lows.append(part.amin(dim=2).amin(dim=0))  # (aminmax with a dim is slower)
                     highs.append(part.amax(dim=2).amax(dim=0))
-                sums.append(d.sum(dim=2).sum(dim=0, dtype=f64))
-                outers.append(torch.bmm(d, d.transpose(1, 2)).sum(dim=0, dtype=f64))
+                flat = d.view(c, m * p)
+                sums.append(flat.sum(dim=1, dtype=f64))
+                outers.append((flat @ flat.t()).to(f64))
         batch_sum = torch.stack(sums).sum(0)
         batch_outer = torch.stack(outers).sum(0)
         if track:

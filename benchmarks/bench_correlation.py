@@ -28,11 +28,14 @@ CASE = "correlation"
 GOAL = "<= 1.30"
 
 
-def compare(label: str, model: nn.Module, x: torch.Tensor, layer: nn.Module, args: Any) -> h.Row:
+def compare(
+    label: str, model: nn.Module, x: torch.Tensor, layer: nn.Module, args: Any
+) -> list[h.Row]:
     from xai_sparsity.correlation import CorrelationAccumulator
 
     model.eval()
     acc = CorrelationAccumulator(over="positions")
+    single = CorrelationAccumulator(over="positions", precision="single")
     out: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
 
@@ -46,23 +49,36 @@ def compare(label: str, model: nn.Module, x: torch.Tensor, layer: nn.Module, arg
             model(x)
         acc.update(out.pop())
 
+    def with_single() -> None:
+        with torch.no_grad():
+            model(x)
+        single.update(out.pop())
+
     try:
         times = h.interleaved(
-            {"forward": forward, "update": with_update},
+            {"forward": forward, "update": with_update, "single": with_single},
             rounds=args.rounds or (2 if args.quick else 12),
             warmup=1 if args.quick else 3,
             cuda=args.device.startswith("cuda"),
         )
     finally:
         handle.remove()
-    return h.row(
-        CASE,
-        f"{label}: forward + correlation update / forward",
-        h.ratios(times, "update", "forward"),
-        goal=GOAL,
-        detail=f"forward {h.ms(times['forward'])}, with update {h.ms(times['update'])}, "
-        f"r computed for {acc.num_channels} channels, n = {acc.n:,}",
-    )
+    return [
+        h.row(
+            CASE,
+            f"{label}: forward + correlation update / forward",
+            h.ratios(times, "update", "forward"),
+            goal=GOAL,
+            detail=f"forward {h.ms(times['forward'])}, with update {h.ms(times['update'])}, "
+            f"r computed for {acc.num_channels} channels, n = {acc.n:,}",
+        ),
+        h.row(
+            CASE,
+            f"{label}: forward + update, precision='single' / forward",
+            h.ratios(times, "single", "forward"),
+            detail=f"with update {h.ms(times['single'])} (float32 products, float64 sums)",
+        ),
+    ]
 
 
 def rows(args: Any) -> list[h.Row]:
@@ -71,21 +87,17 @@ def rows(args: Any) -> list[h.Row]:
     batch, side = (1, 64) if args.quick else (16, 224)
     dev = torch.device(args.device)
     resnet = _models.resnet18().to(dev)
-    result = [
-        compare(
-            f"resnet18 b{batch} {side}x{side} layer4 (512 ch)",
-            resnet,
-            torch.randn(batch, 3, side, side, device=dev),
-            resnet.layer4,
-            args,
-        )
-    ]
+    result = compare(
+        f"resnet18 b{batch} {side}x{side} layer4 (512 ch)",
+        resnet,
+        torch.randn(batch, 3, side, side, device=dev),
+        resnet.get_submodule("layer4"),
+        args,
+    )
     conv = nn.Sequential(nn.Conv2d(512, 512, 3, padding=1), nn.ReLU()).to(dev)
     b2 = 4 if args.quick else 32
-    result.append(
-        compare(
-            f"conv 512->512 3x3 b{b2} 8x8", conv, torch.randn(b2, 512, 8, 8, device=dev), conv, args
-        )
+    result += compare(
+        f"conv 512->512 3x3 b{b2} 8x8", conv, torch.randn(b2, 512, 8, 8, device=dev), conv, args
     )
     return result
 

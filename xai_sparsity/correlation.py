@@ -377,6 +377,9 @@ class CorrelationAccumulator:
         p = units.shape[2]
         work = f64 if self.precision == "double" or x.dtype == f64 else torch.float32
         k = max(1, min(b, min(_SLICE_VALUES, _CHUNK_VALUES) // max(1, c * p)))
+        # at least ~2C columns per GEMM: each chunk writes a C x C result, which must not
+        # outweigh its C x C x (k P) products when P is small next to C (deep layers)
+        k = min(b, max(k, -(-2 * c // max(1, p))))
         buf = self._buf
         if (
             buf is None

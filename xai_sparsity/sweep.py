@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from xai_sparsity._errors import XaiSparsityError, check_choice
 from xai_sparsity.capture import SCOPES, LayerSpec, _eval_mode, _scope_applies, _unwrap, capture
+from xai_sparsity.kernels import LOG_FLOOR
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -275,7 +276,6 @@ _FUSED_OPTIONS: dict[str, frozenset[str]] = {
 }
 """Measures (and their options) the fused pass computes; any other goes through its function."""
 
-_LOG_FLOOR = {torch.float32: 1e-37, torch.float64: 1e-300}
 _K = {torch.float32: 2.0**20, torch.float64: 1.0}
 """The scaled values are a' = K a / mean(a) per sample: ln a' stays small (entropy sums keep
 their digits) and K lifts values far below the mean above float32's underflow for the squares;
@@ -401,7 +401,7 @@ def _batch_sums(
         ``transform -> _Sums`` and the ReLU's ``_Sums`` (or None).
     """
     dtype = torch.float64 if units.dtype == torch.float64 else torch.float32
-    floor, big = _LOG_FLOOR[dtype], _K[dtype]
+    floor, big = LOG_FLOOR[dtype], _K[dtype]
     b, c, p = units.shape
     per = max(1, c * p)
     plan = dict(plan)

@@ -683,6 +683,8 @@ class Capture:
         self._forwards = 0
         self._pending_sync = False
         self._fast = self._fast_plan()
+        self._fast_relu = any(t == "relu" for *_, t in self._fast)  # needs the relu(x) sums
+        self._fast_channel = any(sc == "channel" for _, sc, _, _ in self._fast)
         # conv -> ReLU sharing (see _record): the last measured output, the layers whose output
         # a measured ReLU consumes, and the relu(x) sums of the last such output
         self._last: tuple[str, weakref.ReferenceType[Tensor], int] | None = None
@@ -791,6 +793,8 @@ class Capture:
         functions."""
         if self.mode != "reduce" or self.differentiable:
             return []
+        from xai_sparsity.measures import TRANSFORMS, VARIANTS
+
         plan: list[tuple[str, str, str, str]] = []
         for m in self.measures:
             if m not in ("perplexity", "entropy"):
@@ -798,16 +802,13 @@ class Capture:
             opts = self.measure_options.get(m, {})
             kind = "entropy" if m == "entropy" else str(opts.get("variant", "normalized"))
             transform = str(opts.get("transform", "abs"))
-            if kind not in ("normalized", "relative", "entropy") or transform not in (
-                "abs",
-                "relu",
-            ):
+            if (kind != "entropy" and kind not in VARIANTS) or transform not in TRANSFORMS:
                 continue  # left to the measure function, which names the valid choices
             plan.extend((m, s, kind, transform) for s in self.scopes if s in ("layer", "channel"))
         return plan
 
     def _fast_values(
-        self, name: str, out: Tensor, module: nn.Module, args: Any
+        self, name: str, out: Tensor, module: nn.Module | None, args: Any
     ) -> dict[str, Tensor]:
         """The values of ``self._fast`` from one pass of the unit-sums kernel (CPU, no autograd).
 
@@ -834,9 +835,8 @@ class Capture:
         if pos is not None:
             sums, positive = pos, True  # relu output: |a| = relu(a) = relu(input)
         else:
-            relu_wanted = any(t == "relu" for *_, t in self._fast)
-            split = relu_wanted or name in self._feeds_relu
-            per_unit = out.dim() >= 3 and any(sc == "channel" for _, sc, _, _ in self._fast)
+            split = self._fast_relu or name in self._feeds_relu
+            per_unit = out.dim() >= 3 and self._fast_channel
             sums = unit_sums(out, split=split, per_unit=per_unit, kernel=self.kernel)
             if not sums_finite(sums):
                 self._last = None
@@ -888,9 +888,7 @@ class Capture:
         values: dict[str, Tensor] = {}
         if self._fast and out.device.type == "cpu" and out.is_floating_point():
             with torch.no_grad():
-                values = self._fast_values(
-                    name, out, module if module is not None else nn.Identity(), args
-                )
+                values = self._fast_values(name, out, module, args)
         assert self._measure_fn is not None
         extra = {"check_finite": False}  # checked lazily on access: no host sync in the hook
         with grad:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.measures import _sparsity_from_entropy, _work_dtype
 
 __all__ = [
     "KERNELS",
@@ -126,10 +127,6 @@ class UnitSums(NamedTuple):
     s_pos: Tensor | None
     t_pos: Tensor | None
     scale: Tensor
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _as_units(x: Tensor) -> Tensor:
@@ -318,13 +315,7 @@ def sparsity_from_sums(s: Tensor, t: Tensor, n: int, kind: str = "normalized") -
     if n < 2:
         raise XaiSparsityError(f"a sparsity needs N >= 2 units, got N = {n}")
     check_choice("kind", kind, ("normalized", "relative", "entropy"))
-    h = entropy_from_sums(s, t)
-    if kind == "entropy":
-        return (1.0 - h / math.log(n)).clamp(0.0, 1.0)
-    pp = torch.exp(h)
-    if kind == "normalized":
-        return ((n - pp) / (n - 1)).clamp(0.0, 1.0)
-    return (1.0 - pp / n).clamp(0.0, 1.0 - 1.0 / n)
+    return _sparsity_from_entropy(entropy_from_sums(s, t), s <= 0, n, kind)
 
 
 def layer_and_channel(
@@ -390,10 +381,10 @@ def layer_stats(
     positions = n // sums.s.shape[1]
     with torch.no_grad():
         s, t = sums.s.sum(1), sums.t.sum(1)
-        h = entropy_from_sums(s, t)
+        h, dead = entropy_from_sums(s, t), s <= 0
         out: dict[str, Tensor] = {
-            "perplexity": ((n - torch.exp(h)) / (n - 1)).clamp(0.0, 1.0).float(),
-            "entropy": (1.0 - h / math.log(n)).clamp(0.0, 1.0).float(),
+            "perplexity": _sparsity_from_entropy(h, dead, n, "normalized").float(),
+            "entropy": _sparsity_from_entropy(h, dead, n, "entropy").float(),
             # per unit: channels, or each feature of (B, F) input
             "unit_sum": (sums.s * sums.scale.view(b, 1)).float()
             if x.dim() >= 3

@@ -13,9 +13,8 @@ initial weights. The two sides run interleaved, one epoch each per round in rota
 one warm-up epoch each; the ratio is the median of the per-round ratios with its IQR. Rounds that
 write the npz arrays are also reported separately.
 
-Run it as ``.venv/bin/python benchmarks/bench_monitor.py`` (it re-executes itself in a fresh process
-with glibc malloc pinned: MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=131072
-MALLOC_TOP_PAD_=0) or through ``benchmarks/run_all.py --only monitor``. Goal: <= 1.10x.
+Run it as ``.venv/bin/python benchmarks/bench_monitor.py`` (with the malloc settings of the calling
+environment) or through ``benchmarks/run_all.py --only monitor [--malloc pinned]``. Goal: <= 1.10x.
 """
 
 from __future__ import annotations
@@ -33,14 +32,6 @@ import _harness as h
 
 CASE = "monitor"
 GOAL = "<= 1.10"
-
-
-def _reexec_pinned() -> None:
-    """Run this script again in a fresh process with the malloc settings pinned."""
-    if all(os.environ.get(k) == v for k, v in h.MALLOC_ENV.items()):
-        return
-    env = {**os.environ, **h.MALLOC_ENV}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def _stack(ds: Any) -> tuple[Any, Any]:
@@ -135,7 +126,6 @@ def run(train_size: int, args: Any) -> list[h.Row]:
 
 
 def main() -> None:
-    _reexec_pinned()
     p = h.parser(__doc__.splitlines()[0])
     p.add_argument("--probe-size", type=int, default=500)
     p.add_argument(

@@ -7,8 +7,10 @@ Usage (``make bench`` runs the first line)::
     .venv/bin/python benchmarks/run_all.py --only forward  # one case (prefix match; comma list)
     .venv/bin/python benchmarks/run_all.py --json results.json --markdown table.md
 
-Each case runs in a FRESH Python process with glibc's malloc pinned
-(MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=131072, MALLOC_TOP_PAD_=0) and torch's
+Each case runs in a FRESH Python process with glibc's malloc as users run it (its defaults; the
+main figures) or, with ``--malloc pinned``, with MALLOC_MMAP_THRESHOLD_=65536,
+MALLOC_TRIM_THRESHOLD_=131072 and MALLOC_TOP_PAD_=0 (every large temporary a fresh mmap: peak RSS
+measures what is alive, at the price of page faults users do not pay), and with torch's
 threads pinned (``--threads``, default 1; OMP/MKL likewise), so no case inherits another's heap,
 caches or wrapped functions. Inside a case the compared sides run interleaved (one call of each
 per round, rotating order) after warm-ups; a ratio is the median of the per-round ratios, with
@@ -87,9 +89,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def case_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(h.MALLOC_ENV)
+def case_env(threads: int, malloc: str = "default") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in h.MALLOC_ENV}
+    if malloc == "pinned":
+        env.update(h.MALLOC_ENV)
     env.update(
         {
             "OMP_NUM_THREADS": str(threads),
@@ -114,7 +117,7 @@ def run_case(case: Case, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
         common.append("--quick")
     if args.rounds:
         common += ["--rounds", str(args.rounds)]
-    env = case_env(args.threads)
+    env = case_env(args.threads, args.malloc)
     # a script with a command line of its own gets fewer of the common options
     variants = [common, ["--quick"] if args.quick else [], []]
     try:
@@ -222,13 +225,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per case (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="override timed rounds per case")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    p.add_argument(
+        "--malloc",
+        choices=("default", "pinned"),
+        default="default",
+        help="glibc malloc as users run it (default) or pinned: "
+        + " ".join(f"{k}={v}" for k, v in h.MALLOC_ENV.items()),
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write a Markdown table")
     args = p.parse_args(argv)
     cases = select(args.only)
 
     info = machine()
-    settings = " ".join(f"{k}={v}" for k, v in h.MALLOC_ENV.items())
+    settings = (
+        "pinned: " + " ".join(f"{k}={v}" for k, v in h.MALLOC_ENV.items())
+        if args.malloc == "pinned"
+        else "glibc defaults (as users run it)"
+    )
     print(
         f"xai_sparsity benchmarks{' (--quick: smoke sizes, the numbers mean little)' * args.quick}"
     )
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {info['python']}, CUDA: {info['cuda'] or 'none'}"
     )
     print(f"load average before: {' '.join(map(str, info['load_avg']))}")
-    print(f"each case in a fresh process; malloc pinned: {settings}; torch threads: {args.threads}")
+    print(f"each case in a fresh process; malloc: {settings}; torch threads: {args.threads}")
     print("ratios: median of per-round ratios of interleaved sides (IQR = 25th-75th percentile)")
     print(flush=True)
 

@@ -13,7 +13,7 @@ RESNET_BATCH = 64
 
 def default_cnn() -> nn.Module:
     """The project's default CNN for 28x28 grey images (10 classes)."""
-    from xai_sparsity.models import make_model
+    from xai_sparsity.training.models import make_model
 
     return make_model("cnn", num_classes=10, in_channels=1, image_size=28)
 

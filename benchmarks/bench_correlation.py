@@ -31,7 +31,7 @@ GOAL = "<= 1.30"
 def compare(
     label: str, model: nn.Module, x: torch.Tensor, layer: nn.Module, args: Any
 ) -> list[h.Row]:
-    from xai_sparsity.correlation import CorrelationAccumulator
+    from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
     model.eval()
     acc = CorrelationAccumulator(over="positions")

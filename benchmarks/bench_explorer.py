@@ -32,7 +32,7 @@ CASE = "explorer"
 def images(quick: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if quick:
         return torch.randn(2, 1, 28, 28), None
-    from xai_sparsity.data import load_data
+    from xai_sparsity.training.data import load_data
 
     bundle = load_data("mnist5k", train_size=100, probe_size=16)
     xs, ys = zip(*(bundle.probe[i] for i in range(16)), strict=True)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as err:
         h.emit([h.skip(CASE, "layer switch", f"ipywidgets missing: {err}", "<= 150")])
         return
-    from xai_sparsity.widgets import LayerExplorer
+    from xai_sparsity.views.widgets import LayerExplorer
 
     torch.manual_seed(0)
     model = _models.default_cnn().eval()

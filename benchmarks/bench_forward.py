@@ -42,7 +42,7 @@ FASTER = "> 1.00"
 
 
 def _measure_all(tensors: Any) -> list[torch.Tensor]:
-    from xai_sparsity.measures import perplexity_sparsity
+    from xai_sparsity.measuring.measures import perplexity_sparsity
 
     return [perplexity_sparsity(t, "layer") for t in tensors]
 
@@ -52,7 +52,7 @@ def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[],
     from captum.attr import LayerActivation
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from xai_sparsity.capture import capture, resolve_layers
+    from xai_sparsity.capturing.hooks import capture, resolve_layers
 
     model.eval()
     layers = resolve_layers(model, None)

@@ -40,7 +40,7 @@ def cifar10_root() -> Path | None:
 
 def cifar10_config(root: Path) -> Any:
     """The four-arm CIFAR-10 settings: ``studies/cifar10.toml`` if present, else defaults."""
-    from xai_sparsity.training import TrainConfig
+    from xai_sparsity.training.trainer import TrainConfig
 
     study = h.ROOT / "studies" / "cifar10.toml"
     if study.exists():
@@ -81,7 +81,7 @@ def gpu_rows(args: argparse.Namespace) -> list[h.Row]:
     elif root is None:
         rows.append(h.skip(CASE, label, "CIFAR-10 not found (set XAI_SPARSITY_DATA)"))
     else:
-        from xai_sparsity.training import run_experiment
+        from xai_sparsity.training.trainer import run_experiment
 
         out = Path(tempfile.mkdtemp(prefix="xai-cifar-bench-"))
         try:

@@ -45,9 +45,9 @@ def run(train_size: int, args: Any) -> list[h.Row]:
     import torch
     import torch.nn.functional as F
 
-    from xai_sparsity.data import load_data
-    from xai_sparsity.models import make_model
-    from xai_sparsity.monitor import SparsityMonitor
+    from xai_sparsity.training.data import load_data
+    from xai_sparsity.training.models import make_model
+    from xai_sparsity.training.monitor import SparsityMonitor
 
     probe_size = 100 if args.quick else args.probe_size
     data = load_data("mnist5k", train_size=train_size, probe_size=probe_size, seed=0)

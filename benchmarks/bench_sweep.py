@@ -1,6 +1,6 @@
 """Case 3: the dataset sweep: memory that does not grow with the data, and its throughput.
 
-- Peak RSS: ``xai_sparsity.sweep`` with its default settings (four measures x three scopes,
+- Peak RSS: ``xai_sparsity.capturing.sweeps`` with its default settings (four measures x three scopes,
   filter correlation, lifetime sparsity on every conv/activation layer of the default CNN) over
   1,000 and over 10,000 images, each in its own fresh process; the images are the embedded
   mnist5k digits, repeated (synthetic noise with ``--quick``), streamed in batches of 250.
@@ -52,7 +52,7 @@ def image_pool(quick: bool) -> torch.Tensor:
     """(K, 1, 28, 28) normalised digits (mnist5k), or noise with ``quick``."""
     if quick:
         return torch.randn(40, 1, 28, 28)
-    from xai_sparsity.data import load_data
+    from xai_sparsity.training.data import load_data
 
     bundle = load_data("mnist5k", train_size=1000, probe_size=100)
     return torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
@@ -68,7 +68,7 @@ def _rss_kib() -> int:
 
 def rss_child(n: int, quick: bool) -> None:
     """In a fresh process: one sweep over ``n`` images; print peak and pre-sweep RSS (KiB)."""
-    from xai_sparsity.sweep import sweep
+    from xai_sparsity.capturing.sweeps import sweep
 
     model = _models.default_cnn().eval()
     loader = RepeatedImages(image_pool(quick), n, 20 if quick else BATCH)
@@ -87,7 +87,7 @@ def measure_rss(n: int, args: Any) -> dict[str, int]:
 
 
 def throughput(args: Any) -> list[h.Row]:
-    from xai_sparsity.sweep import sweep
+    from xai_sparsity.capturing.sweeps import sweep
 
     model = _models.default_cnn().eval()
     n = 40 if args.quick else 1000

@@ -31,7 +31,7 @@ def steps(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[dict[str, Callable[[], Any]], Any]:
     """The baseline and penalised step callables, and a closer for the penalty's hooks."""
-    from xai_sparsity.penalty import SparsityPenalty
+    from xai_sparsity.training.penalty import SparsityPenalty
 
     base_model = model.train()
     pen_model = copy.deepcopy(model).train()

@@ -53,7 +53,7 @@ def owner(module: str, modules: set[str]) -> str:
     return module
 
 
-def analyse() -> dict[str, object]:
+def analyse(with_public_names: bool = True) -> dict[str, object]:
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(f): f for f in files}
     names = set(modules)
@@ -79,14 +79,17 @@ def analyse() -> dict[str, object]:
                     dest = owner(sub if sub in names else target, names)
                     if dest != name:
                         edges[name].add(dest)
-                    if alias.name.startswith("_") and dest != name:
+                    if (
+                        alias.name.startswith("_")
+                        and not alias.name.startswith("__")
+                        and dest != name
+                    ):
                         private_imports.append(f"{name} <- {target}.{alias.name}")
-                    elif any(p.startswith("_") for p in dest.split(".")[1:]):
+                    elif any(p.startswith("_") for p in dest.split(".")[1:]) and not (
+                        name.startswith(dest.rsplit(".", 1)[0] + ".")
+                    ):
                         # a private module of another sub-package
-                        if dest.rsplit(".", 1)[0] != name.rsplit(".", 1)[0] and not name.startswith(
-                            dest.rsplit(".", 1)[0] + "."
-                        ):
-                            private_imports.append(f"{name} <- {dest}")
+                        private_imports.append(f"{name} <- {dest}")
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.startswith("xai_sparsity"):
@@ -94,7 +97,7 @@ def analyse() -> dict[str, object]:
                         if dest != name:
                             edges[name].add(dest)
     cycles = strongly_connected(edges)
-    public = public_names()
+    public = public_names() if with_public_names else []
     functions.sort(reverse=True)
     return {
         "library_lines": lines,

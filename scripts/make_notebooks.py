@@ -66,9 +66,9 @@ if FAST:
 import torch
 
 import xai_sparsity as xs
-from xai_sparsity.data import load_data
-from xai_sparsity.models import make_model
-from xai_sparsity.training import TrainConfig, train
+from xai_sparsity.training.data import load_data
+from xai_sparsity.training.models import make_model
+from xai_sparsity.training.trainer import TrainConfig, train
 """),
     md("""
 ## Train (or load) a small model
@@ -143,8 +143,8 @@ if FAST:
     code("""
 %matplotlib inline
 import xai_sparsity as xs
-from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
-from xai_sparsity.training import TrainConfig, train
+from xai_sparsity.views.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
+from xai_sparsity.training.trainer import TrainConfig, train
 """),
     md("""
 ## Train with a live monitor
@@ -246,7 +246,7 @@ if FAST:
 import torch
 
 import xai_sparsity as xs
-from xai_sparsity.training import TrainConfig, resolve_device, run_experiment
+from xai_sparsity.training.trainer import TrainConfig, resolve_device, run_experiment
 
 device = resolve_device(DEVICE)
 print("training on", device, "|", torch.cuda.get_device_name(device) if device.type == "cuda" else "")
@@ -290,7 +290,7 @@ NB04 = [
     md("""
 # 04 · Every figure from run directories, exported for a paper
 
-Each figure of the project is one function of `xai_sparsity.figures` that reads run directories
+Each figure of the project is one function of `xai_sparsity.views.figures` that reads run directories
 and returns a matplotlib figure with the data it plotted attached. `save_figure` writes it as
 vector files (PDF, SVG) and PNG together with that data (CSV or npz), so every number in a figure
 can be checked.
@@ -314,10 +314,10 @@ if FAST:
 from pathlib import Path
 
 import xai_sparsity as xs
-from xai_sparsity import figures as F
-from xai_sparsity.data import load_data
-from xai_sparsity.models import make_model
-from xai_sparsity.training import TrainConfig, run_experiment
+from xai_sparsity.views import figures as F
+from xai_sparsity.training.data import load_data
+from xai_sparsity.training.models import make_model
+from xai_sparsity.training.trainer import TrainConfig, run_experiment
 """),
     code("""
 arms = ["baseline", "penalty@0.3", "dropout", "batchnorm"]

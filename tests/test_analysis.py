@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.analysis import (
+from xai_sparsity.runs.analysis import (
     EarlyWarning,
     analyze,
     ema,

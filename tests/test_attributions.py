@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.attributions import METHODS, attribute, plot_attributions
+from xai_sparsity.views.attributions import METHODS, attribute, plot_attributions
 
 FAST = {
     "integrated_gradients": {"n_steps": 8},

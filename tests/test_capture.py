@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.capture import (
+from xai_sparsity.capturing.hooks import (
     Capture,
     LayerTable,
     capture,
@@ -24,7 +24,7 @@ from xai_sparsity.capture import (
     list_layers,
     resolve_layers,
 )
-from xai_sparsity.measures import compute_measure, perplexity_sparsity
+from xai_sparsity.measuring.measures import compute_measure, perplexity_sparsity
 
 # ----------------------------------------------------------------------------- fixtures
 

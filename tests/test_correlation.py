@@ -1,4 +1,4 @@
-"""Tests of xai_sparsity.correlation: batch, streaming, merging, masking and errors."""
+"""Tests of xai_sparsity.measuring.correlation: batch, streaming, merging, masking and errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.correlation import (
+from xai_sparsity.measuring.correlation import (
     CorrelationAccumulator,
     correlation_summary,
     filter_correlation,
@@ -144,7 +144,7 @@ def test_streaming_property(sizes: list[int], mean: float, seed: int) -> None:
 def test_large_batches_are_sliced_without_changing_results(
     over: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xai_sparsity.correlation as corr
+    import xai_sparsity.measuring.correlation as corr
 
     x = torch.cat(_batches(7, 2, (5, 4, 3, 3), mean=50.0))  # 10 images
     whole = CorrelationAccumulator(over)
@@ -366,7 +366,7 @@ def test_single_precision_is_close_and_double_is_exact(
     """float32 maps: precision="single" (float32 per-sample Gram, float64 sums over samples)
     agrees with the float64 batch result to 1e-5 also with a large mean; "double" to 1e-10; both
     over several chunks of samples."""
-    import xai_sparsity.correlation as corr
+    import xai_sparsity.measuring.correlation as corr
 
     monkeypatch.setattr(corr, "_CHUNK_VALUES", 3 * 6 * 25)  # 3 maps per chunk
     batches = [b.float() for b in _batches(4, 3, (7, 6, 5, 5), mean=mean)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.data import _fashion_deb_dir, load_data, stratified_split
+from xai_sparsity.training.data import _fashion_deb_dir, load_data, stratified_split
 
 
 def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from xai_sparsity.rundir import RunDir
-from xai_sparsity.training import TrainConfig, train
+from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.training.trainer import TrainConfig, train
 
 SETTINGS = {
     "train_size": 48,
@@ -31,7 +31,7 @@ SETTINGS = {
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from xai_sparsity.training import TrainConfig, train
+from xai_sparsity.training.trainer import TrainConfig, train
 train(TrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)
 """
 

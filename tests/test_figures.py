@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.rundir import RunDir
+from xai_sparsity.runs.rundir import RunDir
 
 LAYERS = ["features.1", "features.3", "features.6", "classifier.1"]
 CHANNELS = {"features.1": 4, "features.3": 6, "features.6": 8, "classifier.1": 5}
@@ -78,7 +78,7 @@ def _n_artists(fig) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 
 # --------------------------------------------------------------------------- figure 1 and 2
 def test_loss_and_sparsity_marks_onsets(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_loss_and_sparsity
+    from xai_sparsity.views.figures import plot_loss_and_sparsity
 
     fig = plot_loss_and_sparsity(run)
     lines, _ = _n_artists(fig)
@@ -96,7 +96,7 @@ def test_loss_and_sparsity_marks_onsets(run: RunDir) -> None:
 
 
 def test_loss_and_sparsity_options(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_loss_and_sparsity
+    from xai_sparsity.views.figures import plot_loss_and_sparsity
 
     fig = plot_loss_and_sparsity(run, ["features.6"], measure="hoyer", accuracy=True)
     assert len(fig.axes) == 3
@@ -121,7 +121,7 @@ def test_loss_and_sparsity_options(run: RunDir) -> None:
 
 
 def test_sparsity_heatmap(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_sparsity_heatmap
+    from xai_sparsity.views.figures import plot_sparsity_heatmap
 
     fig = plot_sparsity_heatmap(run)
     _, images = _n_artists(fig)
@@ -136,7 +136,7 @@ def test_sparsity_heatmap(run: RunDir) -> None:
 
 
 def test_unknown_layer_and_measure(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
+    from xai_sparsity.views.figures import plot_loss_and_sparsity, plot_sparsity_heatmap
 
     with pytest.raises(XaiSparsityError, match=r"features\.7.*features\.6"):
         plot_loss_and_sparsity(run, ["features.7"])
@@ -145,7 +145,7 @@ def test_unknown_layer_and_measure(run: RunDir) -> None:
 
 
 def test_empty_run_is_an_error(tmp_path: Path) -> None:
-    from xai_sparsity.figures import plot_sparsity_heatmap
+    from xai_sparsity.views.figures import plot_sparsity_heatmap
 
     run = RunDir(tmp_path / "empty", create=True)
     run.write_config({})
@@ -155,7 +155,11 @@ def test_empty_run_is_an_error(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- saving
 def test_save_figure_round_trips_dataframe(run: RunDir, tmp_path: Path) -> None:
-    from xai_sparsity.figures import plot_loss_and_sparsity, plot_sparsity_heatmap, save_figure
+    from xai_sparsity.views.figures import (
+        plot_loss_and_sparsity,
+        plot_sparsity_heatmap,
+        save_figure,
+    )
 
     fig = plot_loss_and_sparsity(run)
     paths = save_figure(fig, tmp_path / "fig1")
@@ -175,7 +179,7 @@ def test_save_figure_round_trips_dataframe(run: RunDir, tmp_path: Path) -> None:
 
 
 def test_save_figure_errors(run: RunDir, tmp_path: Path) -> None:
-    from xai_sparsity.figures import plot_sparsity_heatmap, save_figure
+    from xai_sparsity.views.figures import plot_sparsity_heatmap, save_figure
 
     fig = plot_sparsity_heatmap(run)
     with pytest.raises(XaiSparsityError, match="'gif'"):
@@ -187,7 +191,7 @@ def test_save_figure_errors(run: RunDir, tmp_path: Path) -> None:
 def test_paper_style_presets() -> None:
     import matplotlib as mpl
 
-    from xai_sparsity.figures import OKABE_ITO, paper_rc, paper_style
+    from xai_sparsity.views.figures import OKABE_ITO, paper_rc, paper_style
 
     assert paper_rc("single")["figure.figsize"][0] == 3.5
     assert paper_rc("double")["figure.figsize"][0] == 7.1
@@ -202,7 +206,7 @@ def test_paper_style_presets() -> None:
 
 # --------------------------------------------------------------------------- figure 3
 def test_channel_sparsity(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_channel_sparsity
+    from xai_sparsity.views.figures import plot_channel_sparsity
 
     fig = plot_channel_sparsity(run, "features.3")
     assert len(fig.axes[0].patches) == CHANNELS["features.3"]
@@ -221,7 +225,7 @@ def test_channel_sparsity(run: RunDir) -> None:
 
 
 def test_array_errors(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_channel_sparsity, plot_run_spatial_maps
+    from xai_sparsity.views.figures import plot_channel_sparsity, plot_run_spatial_maps
 
     with pytest.raises(XaiSparsityError, match=r"epoch 5 .*\[2, 4, 6, 8, 10\]"):
         plot_channel_sparsity(run, "features.3", epoch=5)
@@ -235,7 +239,7 @@ def test_array_errors(run: RunDir) -> None:
 def test_spatial_maps_from_arrays() -> None:
     import torch
 
-    from xai_sparsity.figures import plot_spatial_maps
+    from xai_sparsity.views.figures import plot_spatial_maps
 
     rng = np.random.default_rng(0)
     images = torch.rand(2, 3, 16, 16)
@@ -261,7 +265,7 @@ def test_spatial_maps_from_arrays() -> None:
 
 
 def test_run_spatial_maps(run: RunDir) -> None:
-    from xai_sparsity.figures import plot_run_spatial_maps
+    from xai_sparsity.views.figures import plot_run_spatial_maps
 
     fig = plot_run_spatial_maps(run, "features.6", epoch=6, max_images=2)
     data = fig.xai_data
@@ -276,7 +280,7 @@ def test_run_spatial_maps_with_model(tmp_path: Path) -> None:
     import torch
     from torch import nn
 
-    from xai_sparsity.figures import plot_run_spatial_maps
+    from xai_sparsity.views.figures import plot_run_spatial_maps
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -299,7 +303,7 @@ def test_run_spatial_maps_with_model(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- figure 5
 def test_correlation_side_by_side(arms: dict[str, RunDir]) -> None:
-    from xai_sparsity.figures import plot_correlation
+    from xai_sparsity.views.figures import plot_correlation
 
     pair = {"baseline": arms["none"], "penalised": arms["sparsity penalty"]}
     fig = plot_correlation(pair, "features.6", epoch=8)
@@ -316,16 +320,17 @@ def test_correlation_side_by_side(arms: dict[str, RunDir]) -> None:
     assert len([ax for ax in single.axes if ax.get_images()]) == 1
 
 
-def test_mean_abs_offdiag_masks_dead_channels() -> None:
-    from xai_sparsity.figures import _mean_abs_offdiag
+def test_mean_abs_r_of_figures_masks_dead_channels() -> None:
+    """Figures and widgets title a matrix with the one mean |r| of the measuring layer."""
+    from xai_sparsity.measuring import correlation_summary
 
     r = np.array([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])  # channel 2 dead
-    assert _mean_abs_offdiag(r) == pytest.approx(0.5)
-    assert _mean_abs_offdiag(np.zeros((3, 3))) == 0.0
+    assert correlation_summary(r) == pytest.approx(0.5)
+    assert correlation_summary(np.zeros((3, 3))) == 0.0
 
 
 def test_correlation_over_epochs(run: RunDir, arms: dict[str, RunDir]) -> None:
-    from xai_sparsity.figures import plot_correlation_over_epochs
+    from xai_sparsity.views.figures import plot_correlation_over_epochs
 
     fig = plot_correlation_over_epochs(run)
     assert len(fig.axes[0].get_lines()) == len(LAYERS)
@@ -343,7 +348,7 @@ def test_correlation_over_epochs(run: RunDir, arms: dict[str, RunDir]) -> None:
 
 # --------------------------------------------------------------------------- figure 6
 def test_regulariser_comparison(arms: dict[str, RunDir], tmp_path: Path) -> None:
-    from xai_sparsity.figures import paper_style, plot_regulariser_comparison, save_figure
+    from xai_sparsity.views.figures import paper_style, plot_regulariser_comparison, save_figure
 
     with paper_style("double"):
         fig = plot_regulariser_comparison(arms)
@@ -366,7 +371,7 @@ def test_regulariser_comparison(arms: dict[str, RunDir], tmp_path: Path) -> None
 
 
 def test_save_figure_round_trips_npz(run: RunDir, tmp_path: Path) -> None:
-    from xai_sparsity.figures import plot_channel_sparsity, save_figure
+    from xai_sparsity.views.figures import plot_channel_sparsity, save_figure
 
     fig = plot_channel_sparsity(run, "features.6")
     paths = save_figure(fig, tmp_path / "fig3", formats=("png",))

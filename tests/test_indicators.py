@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.analysis import EarlyWarning
-from xai_sparsity.indicators import (
+from xai_sparsity.runs.analysis import EarlyWarning
+from xai_sparsity.study.indicators import (
     INDICATORS,
     RunData,
     choose_threshold,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity import kernels as K
-from xai_sparsity.capture import capture
-from xai_sparsity.measures import entropy_sparsity, perplexity_sparsity
+from xai_sparsity.capturing.hooks import capture
+from xai_sparsity.measuring import engine as K
+from xai_sparsity.measuring.measures import entropy_sparsity, perplexity_sparsity
 
 
 def _batch(seed: int = 0, shape: tuple[int, ...] = (11, 6, 5, 7)) -> torch.Tensor:
@@ -200,7 +200,7 @@ def test_capture_one_pass_matches_measure_functions(inplace: bool, kernel: str) 
             elif measure == "entropy":
                 want = entropy_sparsity(a, scope, transform="relu")
             else:
-                from xai_sparsity.measures import hoyer_sparsity
+                from xai_sparsity.measuring.measures import hoyer_sparsity
 
                 want = hoyer_sparsity(a, scope)
             torch.testing.assert_close(value, torch.cat([want] * 3), rtol=0, atol=3e-6)
@@ -248,7 +248,7 @@ def test_a_relu_after_an_in_place_change_is_measured_itself() -> None:
 
 
 def test_layer_stats_match_measure_functions() -> None:
-    from xai_sparsity.measures import hoyer_sparsity, zero_fraction
+    from xai_sparsity.measuring.measures import hoyer_sparsity, zero_fraction
 
     x = _batch(7)
     got = K.layer_stats(x)
@@ -282,6 +282,6 @@ def test_capture_under_inference_mode(mode: str) -> None:
         assert cap.activations["1"].shape == (10, 6, 6, 6)
     table_net = _cnn(inplace=True)
     with torch.inference_mode():
-        from xai_sparsity.capture import list_layers
+        from xai_sparsity.capturing.hooks import list_layers
 
         assert len(list_layers(table_net, x)) == 8

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.rundir import RunDir
+from xai_sparsity.runs.rundir import RunDir
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -147,7 +147,7 @@ def test_bad_log_column() -> None:
 def test_package_works_without_lightning() -> None:
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
-        "import xai_sparsity, xai_sparsity.monitor\n"
+        "import xai_sparsity, xai_sparsity.training.monitor\n"
         "from xai_sparsity import SparsityMonitor\n"
         "try:\n"
         "    import xai_sparsity.integrations.lightning\n"

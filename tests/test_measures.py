@@ -1,4 +1,4 @@
-"""Analytic, gradient, robustness and property tests of xai_sparsity.measures."""
+"""Analytic, gradient, robustness and property tests of xai_sparsity.measuring.measures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.measures import (
+from xai_sparsity.measuring.measures import (
     MEASURES,
     SCOPES,
     compute_measure,
@@ -324,7 +324,7 @@ maps_with_zeros = arrays(
 
 def test_fused_and_vectorised_entropy_kernels_agree() -> None:
     """The fused xlogy kernel (used on accelerators) and the CPU kernel give the same H."""
-    from xai_sparsity.measures import _neg_plogp_sum
+    from xai_sparsity.measuring.measures import _neg_plogp_sum
 
     x = torch.relu(torch.randn(3, 5, 4, 4)).double()
     x[0, 0] = 0.0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.models import make_model
+from xai_sparsity.training.models import make_model
 
 
 def test_cnn_names_and_shapes() -> None:

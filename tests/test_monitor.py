@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.analysis import analyze
-from xai_sparsity.capture import capture
-from xai_sparsity.correlation import CorrelationAccumulator
-from xai_sparsity.measures import compute_measure, lifetime_sparsity, perplexity_sparsity
-from xai_sparsity.monitor import SparsityMonitor, fused_layer_stats
-from xai_sparsity.rundir import RunDir
+from xai_sparsity.capturing.hooks import capture
+from xai_sparsity.measuring.correlation import CorrelationAccumulator
+from xai_sparsity.measuring.measures import compute_measure, lifetime_sparsity, perplexity_sparsity
+from xai_sparsity.runs.analysis import analyze
+from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.training.monitor import SparsityMonitor, fused_layer_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER_PREFIXES = ("sparsity", "sparsity_std", "zero_fraction", "hoyer", "entropy")
@@ -105,7 +105,7 @@ def test_plain_loop_writes_a_run_that_analysis_and_figures_read(tmp_path: Path) 
 
     result = analyze(out)
     assert set(result.t_s) == set(layers)
-    from xai_sparsity import figures
+    from xai_sparsity.views import figures as figures
 
     fig = figures.plot_loss_and_sparsity(out)
     fig2 = figures.plot_sparsity_heatmap(out)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.measures import perplexity_sparsity
-from xai_sparsity.penalty import SparsityPenalty, auto_targets
-from xai_sparsity.rundir import RunDir
+from xai_sparsity.measuring.measures import perplexity_sparsity
+from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.training.penalty import SparsityPenalty, auto_targets
 
 
 def _net() -> nn.Sequential:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.rundir import RunDir, atomic_open, atomic_write_json, load_history
+from xai_sparsity.base.files import atomic_open, atomic_write_json
+from xai_sparsity.runs.rundir import RunDir, load_history
 
 
 def test_history_append_replace_and_truncate(tmp_path: Path) -> None:

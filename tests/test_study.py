@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.indicators import INDICATORS, fire_column
-from xai_sparsity.study import (
+from xai_sparsity.study.indicators import INDICATORS, fire_column
+from xai_sparsity.study.runner import (
     SUMMARY_NAME,
     build_report,
     expand_study,
@@ -134,7 +134,7 @@ def test_parallel_run_killed_then_resumed(tmp_path: Path) -> None:
     the rerun skips the complete runs, resumes the rest and ends with every run complete."""
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "xai_sparsity.study", "run", str(SMOKE), "--out", str(out),
+    cmd = [sys.executable, "-m", "xai_sparsity.study.runner", "run", str(SMOKE), "--out", str(out),
            "--workers", "2", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=ROOT)
     try:
@@ -267,7 +267,7 @@ def test_report_writes_tables_figures_and_keeps_the_prose(tmp_path: Path) -> Non
 
 
 def test_dry_run_lists_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from xai_sparsity.study import main
+    from xai_sparsity.study.runner import main
 
     assert main(["run", str(CLAIMS), "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.capture import capture
-from xai_sparsity.correlation import filter_correlation
-from xai_sparsity.measures import compute_measure, lifetime_sparsity
-from xai_sparsity.sweep import RunningStats, SweepResult, sweep
+from xai_sparsity.capturing.hooks import capture
+from xai_sparsity.capturing.sweeps import RunningStats, SweepResult, sweep
+from xai_sparsity.measuring.correlation import filter_correlation
+from xai_sparsity.measuring.measures import compute_measure, lifetime_sparsity
 
 
 @pytest.fixture(autouse=True, scope="module")

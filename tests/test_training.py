@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.data import load_data
-from xai_sparsity.measures import compute_measure, lifetime_sparsity
-from xai_sparsity.models import make_model
-from xai_sparsity.rundir import RunDir
-from xai_sparsity.training import (
+from xai_sparsity.measuring.measures import compute_measure, lifetime_sparsity
+from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.training.data import load_data
+from xai_sparsity.training.models import make_model
+from xai_sparsity.training.trainer import (
     StopTraining,
     TrainConfig,
     _ProbeReducer,
@@ -189,7 +189,7 @@ def test_resume_after_sigkill_is_identical(reference: RunDir, tmp_path: Path) ->
     out = tmp_path / "run"
     code = (
         "import sys, time, torch\n"
-        "from xai_sparsity.training import TrainConfig, train\n"
+        "from xai_sparsity.training.trainer import TrainConfig, train\n"
         f"cfg = TrainConfig.from_dict({json.dumps({**TINY, 'dropout': 0.3})})\n"
         "def slow(row):\n"
         "    if row['epoch'] >= 2:\n"
@@ -216,25 +216,25 @@ def test_half_written_files_are_never_read(
     reference: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash in the middle of writing epoch 3's resume state leaves epoch 2's intact."""
-    import xai_sparsity.rundir as rundir
+    import xai_sparsity.base.files as files
 
     out = tmp_path / "run"
-    real = rundir.atomic_write_bytes
+    real = files.atomic_write_bytes
     count = {"last": 0}
 
     def crash_mid_write(path: object, data: bytes) -> None:
         if str(path).endswith("last.pt"):
             count["last"] += 1
             if count["last"] == 3:
-                with rundir.atomic_open(Path(str(path))) as fh:
+                with files.atomic_open(Path(str(path))) as fh:
                     fh.write(data[: len(data) // 2])  # half of the file is on disk...
                     raise OSError("disk full")  # ...when the process fails
         real(path, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rundir, "atomic_write_bytes", crash_mid_write)
+    monkeypatch.setattr(files, "atomic_write_bytes", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         train(tiny(dropout=0.3), out, progress=False)
-    monkeypatch.setattr(rundir, "atomic_write_bytes", real)
+    monkeypatch.setattr(files, "atomic_write_bytes", real)
     run = RunDir(out)
     assert run.load_checkpoint("last")["epoch"] == 2
     assert [p.name for p in run.checkpoints_dir.iterdir() if p.name.startswith(".")] == []
@@ -254,7 +254,7 @@ def test_other_settings_in_folder_are_refused(reference: RunDir, tmp_path: Path)
 
 
 def test_stop_training_and_early_warning_callback(tmp_path: Path) -> None:
-    from xai_sparsity.analysis import EarlyWarning
+    from xai_sparsity.runs.analysis import EarlyWarning
 
     rows = []
     warning = EarlyWarning(alpha=1.0, patience=1, min_rise=0.0, warmup=0, min_layers=1)

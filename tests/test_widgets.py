@@ -19,9 +19,9 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("captum")
 
 from xai_sparsity import XaiSparsityError
-from xai_sparsity.attributions import METHODS
-from xai_sparsity.rundir import RunDir
-from xai_sparsity.widgets import (
+from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.views.attributions import METHODS
+from xai_sparsity.views.widgets import (
     EpochScrubber,
     LayerExplorer,
     RunComparison,
@@ -418,9 +418,9 @@ def test_comparison_of_arms(tmp_path: Path) -> None:
 
 def test_widgets_on_a_trained_run(tmp_path: Path) -> None:
     """The trainer's callback, run directory and model work with every widget."""
-    from xai_sparsity.data import load_data
-    from xai_sparsity.models import make_model
-    from xai_sparsity.training import TrainConfig, train
+    from xai_sparsity.training.data import load_data
+    from xai_sparsity.training.models import make_model
+    from xai_sparsity.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         epochs=3,

@@ -8,7 +8,7 @@ Every subcommand is one function registered with :func:`command`; a new one need
         return 0
 
 Settings come from ``--config FILE`` (JSON or TOML, the fields of
-:class:`xai_sparsity.training.TrainConfig`) and ``--set key=value`` overrides (values are read as
+:class:`xai_sparsity.training.trainer.TrainConfig`) and ``--set key=value`` overrides (values are read as
 JSON when they parse, so ``--set epochs=40 --set widths=[8,8] --set augment=true``; a
 comma-separated list also works for list settings). Bad arguments or settings exit with status 2
 and a message naming the bad value and the valid choices.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xai_sparsity._errors import XaiSparsityError
+from xai_sparsity.base.errors import XaiSparsityError
 
 __all__ = ["COMMANDS", "arg", "build_parser", "command", "main"]
 
@@ -125,7 +125,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def load_settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Settings from ``base``, then ``--config FILE``, then ``--set`` overrides (in that order)."""
-    from xai_sparsity.training import read_config_file
+    from xai_sparsity.training.trainer import read_config_file
 
     settings: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
@@ -157,7 +157,7 @@ def _split_arms(text: str | Sequence[str]) -> list[str]:
 )
 def _train(args: argparse.Namespace) -> int:
     """Train one model; a killed run resumes when the same command is run again."""
-    from xai_sparsity.training import TrainConfig, arm_config, train
+    from xai_sparsity.training.trainer import TrainConfig, arm_config, train
 
     cfg = TrainConfig.from_dict(load_settings(args))
     if args.arm:
@@ -184,8 +184,8 @@ def _train(args: argparse.Namespace) -> int:
 )
 def _compare(args: argparse.Namespace) -> int:
     """Run an experiment of arms and write report.md beside their run directories."""
-    from xai_sparsity.report import write_report
-    from xai_sparsity.training import TrainConfig, run_experiment
+    from xai_sparsity.study.report import write_report
+    from xai_sparsity.training.trainer import TrainConfig, run_experiment
 
     settings = load_settings(args)
     arms = _split_arms(settings.pop("arms", args.arms))
@@ -221,8 +221,8 @@ def _compare(args: argparse.Namespace) -> int:
 )
 def _analyze(args: argparse.Namespace) -> int:
     """Analyse any run directory (from the trainer, the monitor or your own history.csv)."""
-    from xai_sparsity.analysis import analyze
-    from xai_sparsity.rundir import RunDir
+    from xai_sparsity.runs.analysis import analyze
+    from xai_sparsity.runs.rundir import RunDir
 
     run = RunDir(args.run_dir)
     layers = _split_arms(args.layers) if args.layers else None
@@ -248,7 +248,7 @@ def _analyze(args: argparse.Namespace) -> int:
 )
 def _demo(args: argparse.Namespace) -> int:
     """Train the demo experiment and print the path of its report."""
-    from xai_sparsity.report import DEMO_ARMS, demo_config, run_demo
+    from xai_sparsity.study.report import DEMO_ARMS, demo_config, run_demo
 
     if args.epochs is not None and args.epochs < 1:
         raise XaiSparsityError(f"--epochs {args.epochs} must be a positive integer")
@@ -280,7 +280,7 @@ def _demo(args: argparse.Namespace) -> int:
 )
 def _study(args: argparse.Namespace) -> int:
     """Run (or finish) a study and print where its summary is."""
-    from xai_sparsity.study import study_command
+    from xai_sparsity.study.runner import study_command
 
     return study_command(args)
 
@@ -297,7 +297,7 @@ def _study(args: argparse.Namespace) -> int:
 )
 def _study_report(args: argparse.Namespace) -> int:
     """Write the generated part of the doc and its figures."""
-    from xai_sparsity.study import report_command
+    from xai_sparsity.study.runner import report_command
 
     return report_command(args)
 
@@ -317,7 +317,7 @@ def _analysis_text(run: Any) -> str:
 
 
 def _settings_intro(cfg: Any, arms: Sequence[str], wall: float) -> str:
-    from xai_sparsity.report import settings_intro
+    from xai_sparsity.study.report import settings_intro
 
     return settings_intro(cfg, arms, wall)
 
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity-based activation sparsity in CNNs: train, compare arms, analyse "
         "the overfitting lead, and run the demo.",
     )
-    from xai_sparsity import __version__
+    from xai_sparsity.base import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

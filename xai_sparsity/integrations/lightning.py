@@ -1,4 +1,4 @@
-"""PyTorch Lightning: ``SparsityCallback``, the :class:`~xai_sparsity.monitor.SparsityMonitor` as
+"""PyTorch Lightning: ``SparsityCallback``, the :class:`~xai_sparsity.training.monitor.SparsityMonitor` as
 a callback.
 
 ::
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xai_sparsity._errors import XaiSparsityError
+from xai_sparsity.base.errors import XaiSparsityError
 
 try:
     import lightning.pytorch as pl
@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
         "pip install xai-sparsity[lightning]  (or: pip install lightning)"
     ) from exc
 
-from xai_sparsity.monitor import SparsityMonitor, _to_float
+from xai_sparsity.training.monitor import SparsityMonitor, as_float
 
 __all__ = ["SparsityCallback"]
 
@@ -48,7 +48,7 @@ class SparsityCallback(Callback):
     Args:
         probe: fixed held-out inputs (tensor, ``(x, y)`` pair, Dataset or DataLoader), fed to
             ``pl_module(x)``.
-        layers: layer selection as for :func:`xai_sparsity.capture`, with names relative to the
+        layers: layer selection as for :func:`xai_sparsity.capturing.hooks`, with names relative to the
             LightningModule (e.g. ``"model.features.*"``); default: conv + activation modules.
         out: the run directory (default: ``<trainer.log_dir>/sparsity``, else
             ``runs/lightning``).
@@ -164,7 +164,7 @@ class SparsityCallback(Callback):
         for column, key in self.keys.items():
             for k in (key, f"{key}_epoch"):
                 if k in callback_metrics:
-                    out[column] = _to_float(callback_metrics[k])
+                    out[column] = as_float(callback_metrics[k])
                     break
         return out
 

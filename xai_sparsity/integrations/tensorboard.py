@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any
 
-from xai_sparsity._errors import XaiSparsityError
+from xai_sparsity.base.errors import XaiSparsityError
 
 __all__ = ["export_run", "summary_writer"]
 
@@ -53,7 +53,7 @@ def export_run(run: Any, target: Any) -> int:
     Returns:
         the number of scalar values written.
     """
-    from xai_sparsity.rundir import as_run
+    from xai_sparsity.runs.rundir import as_run
 
     r = as_run(run)
     df = r.history()

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xai_sparsity._errors import XaiSparsityError
-from xai_sparsity.rundir import RunDir, as_run
+from xai_sparsity.base.errors import XaiSparsityError
+from xai_sparsity.runs.rundir import RunDir, as_run
 
 DEFAULT_RULE: dict[str, Any] = {
     "alpha": 0.3,

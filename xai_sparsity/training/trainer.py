@@ -55,8 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice, closest
-from xai_sparsity.rundir import RunDir
+from xai_sparsity.base import __version__
+from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.base.modules import eval_no_grad, resolve_device
+from xai_sparsity.runs.rundir import RunDir
 
 __all__ = [
     "ARM_COMPONENTS",
@@ -94,7 +96,7 @@ class StopTraining(Exception):
 class TrainConfig:
     """Every setting of a run. Round-trips through JSON (``to_dict`` / ``from_dict``) and TOML.
 
-    Data: ``data`` (see :data:`xai_sparsity.data.DATASETS`), ``data_root``, ``train_size``,
+    Data: ``data`` (see :data:`xai_sparsity.training.data.DATASETS`), ``data_root``, ``train_size``,
     ``test_size``, ``probe_size``, ``augment``, ``download``.
     Model: ``model`` ("cnn", "resnet18", "vgg11"), ``widths``, ``hidden``, ``dropout``,
     ``batch_norm``.
@@ -167,8 +169,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise :class:`XaiSparsityError` naming the field and the value."""
-        from xai_sparsity.data import DATASETS
-        from xai_sparsity.models import MODELS
+        from xai_sparsity.training.data import DATASETS
+        from xai_sparsity.training.models import MODELS
 
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
@@ -245,7 +247,7 @@ class TrainConfig:
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            from xai_sparsity.rundir import atomic_write_text
+            from xai_sparsity.base.files import atomic_write_text
 
             atomic_write_text(path, text + "\n")
         return text
@@ -264,7 +266,7 @@ class TrainConfig:
                 lines.append(f"{k} = {_toml_value(v)}")
         text = "\n".join(lines + tables) + "\n"
         if path is not None:
-            from xai_sparsity.rundir import atomic_write_text
+            from xai_sparsity.base.files import atomic_write_text
 
             atomic_write_text(path, text)
         return text
@@ -461,25 +463,6 @@ def _all_sum(values: list[float], world: int, device: torch.device) -> list[floa
     return [float(v) for v in t.tolist()]
 
 
-def resolve_device(name: str = "auto", rank: int = 0, world: int = 1) -> torch.device:
-    """``"auto"``: CUDA (the local rank's GPU under torchrun), else MPS, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0))
-            return torch.device("cuda", local % torch.cuda.device_count())
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise XaiSparsityError(f"device={name!r} but CUDA is not available; use device='auto'")
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise XaiSparsityError("device='mps' but MPS is not available; use device='auto'")
-    return torch.device(name)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state: Any = np.random.get_state(legacy=True)  # noqa: NPY002 - users' global RNG
     state: dict[str, Any] = {
@@ -571,16 +554,10 @@ def _make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
-
-
 def _measured_layer_spec(cfg: TrainConfig) -> Any:
     if cfg.measure_layers is not None:
         return cfg.measure_layers
-    from xai_sparsity.capture import layer_kind
+    from xai_sparsity.capturing.hooks import layer_kind
 
     def is_activation(name: str, module: nn.Module) -> bool:
         return layer_kind(module) == "activation"
@@ -594,7 +571,7 @@ def default_penalty_layers(model: nn.Module, example: Tensor, which: str = "deep
 
     ``which="deepest"``: only the last of them; ``"all"``: every one.
     """
-    from xai_sparsity.capture import list_layers
+    from xai_sparsity.capturing.hooks import list_layers
 
     check_choice("penalty_layers", which, ("deepest", "all"))
     table = list_layers(model, example)
@@ -614,9 +591,9 @@ def default_penalty_layers(model: nn.Module, example: Tensor, which: str = "deep
 class _ProbeReducer:
     """Per-layer probe statistics, computed inside a capture's ``reduce_fn`` in a few passes.
 
-    The same definitions as :mod:`xai_sparsity.measures` (transform ``"abs"``, perplexity variant
+    The same definitions as :mod:`xai_sparsity.measuring.measures` (transform ``"abs"``, perplexity variant
     ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), from
-    one pass of :func:`xai_sparsity.kernels.layer_stats` per layer and batch.
+    one pass of :func:`xai_sparsity.measuring.engine.layer_stats` per layer and batch.
     """
 
     def __init__(self, *, full: bool, channel: bool, correlation: bool) -> None:
@@ -630,7 +607,7 @@ class _ProbeReducer:
         self.values.setdefault(name, {}).setdefault(key, []).append(value.detach().cpu())
 
     def __call__(self, name: str, out: Tensor) -> None:
-        from xai_sparsity.kernels import layer_stats
+        from xai_sparsity.measuring.engine import layer_stats
 
         with torch.no_grad():
             x = out.detach()
@@ -647,7 +624,7 @@ class _ProbeReducer:
             if "channel" in stats:
                 self._add(name, "channel", stats["channel"])
             if self.correlation:
-                from xai_sparsity.correlation import CorrelationAccumulator
+                from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
                 acc = self.corr.get(name)
                 if acc is None:
@@ -675,15 +652,6 @@ def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
         yield x[i : i + size]
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode (each submodule's flag restored afterwards) and no autograd."""
-    from xai_sparsity.capture import _eval_mode
-
-    with _eval_mode(model), torch.no_grad():
-        yield
-
-
 def probe_statistics(
     model: nn.Module,
     probe_x: Tensor,
@@ -700,7 +668,7 @@ def probe_statistics(
     Args:
         model: the model (not changed: train/eval flags are restored).
         probe_x: (P, C, H, W) probe inputs on the model's device.
-        layers: a layer spec for :func:`xai_sparsity.capture.capture`.
+        layers: a layer spec for :func:`xai_sparsity.capturing.hooks.capture`.
         train_probe_x: fixed training inputs for the ``train_sparsity:`` columns.
         arrays: also return the npz arrays (channel, layer, spatial, correlation, lifetime).
         spatial_images: K, the number of probe images whose spatial maps are kept.
@@ -710,13 +678,13 @@ def probe_statistics(
         ``(columns, arrays)``: history columns ``<prefix>:<layer>`` (see docs/architecture.md)
         and npz arrays ``layer:``, ``channel:``, ``spatial:``, ``correlation:``, ``lifetime:``.
     """
-    from xai_sparsity.capture import capture
-    from xai_sparsity.measures import lifetime_sparsity
+    from xai_sparsity.capturing.hooks import capture
+    from xai_sparsity.measuring.measures import lifetime_sparsity
 
     reducer = _ProbeReducer(full=True, channel=arrays, correlation=correlation)
     cols: dict[str, float] = {}
     out_arrays: dict[str, np.ndarray] = {}
-    with _eval(model):
+    with eval_no_grad(model):
         with capture(model, layers, mode="reduce", measures=(), reduce_fn=reducer):
             for xb in _batches(probe_x, batch_size):
                 model(xb)
@@ -784,7 +752,7 @@ def _evaluate(
     """(mean loss, accuracy) on (x, y), sharded over ranks and summed."""
     loss_sum, correct = 0.0, 0.0
     xs, ys = x[rank::world], y[rank::world]
-    with _eval(model):
+    with eval_no_grad(model):
         for xb, yb in zip(_batches(xs, batch_size), _batches(ys, batch_size), strict=True):
             with amp():
                 logits = model(xb)
@@ -835,15 +803,15 @@ def train(
         out: the run directory.
         progress: show a tqdm progress bar over epochs (rank 0).
         callbacks: ``callback(row)`` called with each epoch's history row (a dict) after it is
-            written; e.g. :class:`xai_sparsity.analysis.EarlyWarning`. A callback may raise
+            written; e.g. :class:`xai_sparsity.runs.analysis.EarlyWarning`. A callback may raise
             :class:`StopTraining` to end the run after that epoch.
         model: any ``nn.Module`` to train instead of ``make_model(config...)``; it is not
             re-created on resume, so pass a freshly built one (same seed) when resuming.
-        data: a :class:`xai_sparsity.data.DataBundle` instead of ``load_data(config...)``.
+        data: a :class:`xai_sparsity.training.data.DataBundle` instead of ``load_data(config...)``.
         overwrite: replace a different run already in ``out``.
 
     Returns:
-        The :class:`~xai_sparsity.rundir.RunDir`.
+        The :class:`~xai_sparsity.runs.rundir.RunDir`.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
@@ -860,9 +828,9 @@ def train(
         return run
     t_start = time.perf_counter()
 
-    from xai_sparsity.data import load_data
-    from xai_sparsity.models import make_model
-    from xai_sparsity.penalty import SparsityPenalty, auto_targets
+    from xai_sparsity.training.data import load_data
+    from xai_sparsity.training.models import make_model
+    from xai_sparsity.training.penalty import SparsityPenalty, auto_targets
 
     if data is None:
         if rank != 0:
@@ -915,7 +883,7 @@ def train(
             which = "all" if cfg.penalty_layers is None else str(cfg.penalty_layers)
             penalty_layers = default_penalty_layers(core, probe_x[:2], which)
         else:
-            from xai_sparsity.capture import resolve_layers
+            from xai_sparsity.capturing.hooks import resolve_layers
 
             spec = cfg.penalty_layers
             penalty_layers = resolve_layers(core, spec)
@@ -1142,8 +1110,6 @@ def _prepare_run_dir(
     ``config.json`` holds every TrainConfig field plus ``source: "trainer"``,
     ``penalty_layers_resolved`` (after the run) and the package version.
     """
-    import xai_sparsity
-
     settings = cfg.to_dict()
     if rank == 0:
         run = RunDir(path, create=True)
@@ -1177,7 +1143,7 @@ def _prepare_run_dir(
                 **old_cfg,
                 **settings,
                 "source": "trainer",
-                "xai_sparsity_version": xai_sparsity.__version__,
+                "xai_sparsity_version": __version__,
             }
         )
     _barrier(world)
@@ -1217,7 +1183,7 @@ def _finish(
         "seconds_this_session": wall,
     }
     try:
-        from xai_sparsity.analysis import analyze
+        from xai_sparsity.runs.analysis import analyze
 
         summary["analysis"] = analyze(df).to_dict()
     except XaiSparsityError as err:
@@ -1264,14 +1230,14 @@ def run_experiment(
     order = sorted(arms, key=lambda a: a != "baseline")
     base = Path(out)
     base.mkdir(parents=True, exist_ok=True)
-    from xai_sparsity.rundir import atomic_write_json
+    from xai_sparsity.base.files import atomic_write_json
 
     atomic_write_json(base / "experiment.json", {"arms": list(arms), "settings": cfg.to_dict()})
     runs: dict[str, RunDir] = {}
     for arm in order:
         arm_cfg = configs[arm]
         if arm_cfg.penalty_lambda > 0 and arm_cfg.penalty_layers == "auto":
-            arm_cfg = _resolve_auto(arm_cfg, runs.get("baseline"), base / arm)
+            arm_cfg = resolve_auto_targets(arm_cfg, runs.get("baseline"), base / arm)
         runs[arm] = train(arm_cfg, base / _folder(arm), progress=progress, callbacks=callbacks)
     return {a: runs[a] for a in arms}
 
@@ -1280,8 +1246,8 @@ def _folder(arm: str) -> str:
     return arm.replace("/", "_").replace(os.sep, "_")
 
 
-def _resolve_auto(cfg: TrainConfig, baseline: RunDir | None, where: Path) -> TrainConfig:
-    from xai_sparsity.penalty import auto_targets
+def resolve_auto_targets(cfg: TrainConfig, baseline: RunDir | None, where: Path) -> TrainConfig:
+    from xai_sparsity.training.penalty import auto_targets
 
     if cfg.penalty_baseline:
         return cfg

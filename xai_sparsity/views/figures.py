@@ -16,7 +16,7 @@ PDF, SVG and PNG together with that data (CSV or npz), each file atomically.
 6   regulariser comparison                      :func:`plot_regulariser_comparison`
 ==  ==========================================  ==============================================
 
-Runs are given as a path or a :class:`~xai_sparsity.rundir.RunDir`; comparisons take a ``dict``
+Runs are given as a path or a :class:`~xai_sparsity.runs.rundir.RunDir`; comparisons take a ``dict``
 mapping an arm name to a run. Every function accepts ``fig=`` to draw into an existing figure
 (cleared first), which lets widgets redraw without creating figures.
 
@@ -25,7 +25,7 @@ Style: :func:`paper_style` is a context manager with presets ``"single"`` (3.5 i
 sequential maps use ``"viridis"`` and correlations the diverging ``"RdBu_r"`` on [-1, 1].
 
 >>> import tempfile, xai_sparsity as xs
->>> from xai_sparsity.figures import plot_sparsity_heatmap, save_figure
+>>> from xai_sparsity.views.figures import plot_sparsity_heatmap, save_figure
 >>> run = xs.RunDir(tempfile.mkdtemp(), create=True)
 >>> for e in (1, 2, 3):
 ...     run.append_history({"epoch": e, "test_loss": 1.0 / e, "sparsity:relu1": 0.1 * e})
@@ -47,14 +47,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from xai_sparsity._errors import XaiSparsityError, check_choice, closest
-from xai_sparsity.rundir import RunDir, as_run
+from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.measuring.correlation import correlation_summary
+from xai_sparsity.runs.rundir import RunDir, as_run
+from xai_sparsity.views.plotting import (
+    as_numpy,
+    attach,
+    figure_data,
+    grey,
+    new_figure,
+    normalise_map,
+    rc_width,
+    to_display,
+    upsample,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from xai_sparsity.analysis import Analysis
+    from xai_sparsity.runs.analysis import Analysis
 
 RunLike = RunDir | str | os.PathLike[str]
 
@@ -123,7 +135,7 @@ def paper_rc(preset: str = "single") -> dict[str, Any]:
 def paper_style(preset: str = "single") -> contextlib.AbstractContextManager[Any]:
     """Context manager applying :func:`paper_rc` (figures created inside use the preset).
 
-    >>> from xai_sparsity.figures import paper_style
+    >>> from xai_sparsity.views.figures import paper_style
     >>> with paper_style("double"):
     ...     pass
     """
@@ -131,51 +143,6 @@ def paper_style(preset: str = "single") -> contextlib.AbstractContextManager[Any
 
     rc: Any = paper_rc(preset)
     return mpl.rc_context(rc)
-
-
-def _width() -> float:
-    import matplotlib as mpl
-
-    return float(mpl.rcParams["figure.figsize"][0])
-
-
-def _new_figure(fig: Figure | None, width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure
-
-    if fig is None:
-        return Figure(figsize=(width, height), layout="constrained")
-    fig.clear()
-    fig.set_size_inches(width, height)
-    with contextlib.suppress(Exception):
-        fig.set_layout_engine("constrained")
-    return fig
-
-
-def _attach(fig: Figure, data: pd.DataFrame | dict[str, np.ndarray]) -> Figure:
-    fig.xai_data = data  # type: ignore[attr-defined]
-    return fig
-
-
-def figure_data(fig: Figure) -> pd.DataFrame | dict[str, np.ndarray] | None:
-    """The data a figure function attached to ``fig`` (``fig.xai_data``), or None."""
-    return getattr(fig, "xai_data", None)
-
-
-def _to_display(img: np.ndarray) -> np.ndarray:
-    """(C, H, W) or (H, W) image -> (H, W) grey or (H, W, 3) RGB scaled to [0, 1] (min-max)."""
-    a = np.asarray(img, dtype=np.float32)
-    if a.ndim == 3 and a.shape[0] in (1, 3):
-        a = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
-    elif a.ndim == 3:
-        a = a.mean(axis=0)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
-def _grey(img: np.ndarray) -> np.ndarray:
-    """(C, H, W) or (H, W) image -> (H, W) grey in [0, 1], the backdrop of overlays."""
-    a = _to_display(img)
-    return a.mean(axis=-1) if a.ndim == 3 else a
 
 
 def _colors(n: int) -> list[Any]:
@@ -288,13 +255,13 @@ def plot_loss_and_sparsity(
     The epoch of the smoothed test-loss minimum ``t_L`` is a dashed black line on both panels
     (only when the test loss turned, ``analysis.turned``; otherwise the loss panel says so);
     each layer's sustained-rise onset ``t_s,l`` is a dotted line and a marker in the layer's colour.
-    ``analysis`` defaults to ``xai_sparsity.analysis.analyze(run, layers, measure=measure)``.
+    ``analysis`` defaults to ``xai_sparsity.runs.analysis.analyze(run, layers, measure=measure)``.
 
     Args:
         run: run directory (path or RunDir).
         layers: layers to draw (default: every layer with a ``<measure>:<layer>`` column).
         measure: history column prefix, e.g. "sparsity", "hoyer", "zero_fraction", "correlation".
-        analysis: a precomputed :class:`~xai_sparsity.analysis.Analysis`.
+        analysis: a precomputed :class:`~xai_sparsity.runs.analysis.Analysis`.
         accuracy: also draw train/test accuracy in a third panel.
         fig: draw into this figure (cleared) instead of a new one.
 
@@ -308,7 +275,7 @@ def plot_loss_and_sparsity(
     valid = _measure_layers(df, measure, r)
     chosen = valid if layers is None else _check_layers(layers, valid, f"run {_run_name(r)!r}")
     if analysis is None and "test_loss" in df.columns and df["test_loss"].notna().any():
-        from xai_sparsity.analysis import analyze
+        from xai_sparsity.runs.analysis import analyze
 
         analysis = analyze(r, chosen, measure=measure)
     loss_cols = [c for c in ("train_loss", "test_loss") if c in df.columns]
@@ -321,8 +288,8 @@ def plot_loss_and_sparsity(
     data.attrs = {"t_L": t_L, "turned": turned, "t_s": t_s, "measure": measure}
 
     n_panels = 3 if acc_cols else 2
-    w = _width()
-    fig = _new_figure(fig, w, min(0.42 * w, 2.6) * n_panels + 0.35)
+    w = rc_width()
+    fig = new_figure(fig, w, min(0.42 * w, 2.6) * n_panels + 0.35)
     axes = fig.subplots(n_panels, 1, sharex=True)
     ax_loss, ax_s = axes[0], axes[-1]
     epochs = data["epoch"].to_numpy()
@@ -375,7 +342,7 @@ def plot_loss_and_sparsity(
     ax_s.legend(
         loc="best", ncol=2 if len(chosen) > 4 else 1, title="dotted: $t_s$" if t_s else None
     )
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -411,8 +378,8 @@ def plot_sparsity_heatmap(
     values = np.stack([df[f"{measure}:{n}"].to_numpy(dtype=float) for n in chosen])
     data = pd.DataFrame(values, index=pd.Index(chosen, name="layer"), columns=list(epochs))
 
-    w = _width()
-    fig = _new_figure(fig, w, max(1.4, 0.6 + 0.22 * len(chosen)))
+    w = rc_width()
+    fig = new_figure(fig, w, max(1.4, 0.6 + 0.22 * len(chosen)))
     ax = fig.add_subplot()
     step = float(np.median(np.diff(epochs))) if len(epochs) > 1 else 1.0
     extent = (epochs[0] - step / 2, epochs[-1] + step / 2, len(chosen) - 0.5, -0.5)
@@ -431,13 +398,13 @@ def plot_sparsity_heatmap(
     if analysis is not None and analysis.t_L is not None:
         _mark_epoch(ax, analysis.t_L, "white", None)
     fig.colorbar(im, ax=ax, label=measure.replace("_", " "), shrink=0.9)
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 # --------------------------------------------------------------------------- saving
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temp file in ``path``'s folder, fsync, then rename."""
-    from xai_sparsity.rundir import atomic_open
+    from xai_sparsity.base.files import atomic_open
 
     with atomic_open(path) as fh:
         write(fh)
@@ -555,8 +522,8 @@ def plot_channel_sparsity(
         "order": order,
     }
 
-    w = _width()
-    fig = _new_figure(fig, w, max(1.8, w * 0.45))
+    w = rc_width()
+    fig = new_figure(fig, w, max(1.8, w * 0.45))
     ax_bar, ax_map = fig.subplots(1, 2, width_ratios=(1, 1.4))
     c = current.size
     ax_bar.bar(np.arange(c), current[order], width=1.0, color=OKABE_ITO[0], linewidth=0)
@@ -578,27 +545,10 @@ def plot_channel_sparsity(
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("channel (sorted)")
     fig.colorbar(im, ax=ax_map, label="sparsity", shrink=0.9)
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 # --------------------------------------------------------------------------- figure 4
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        return np.asarray(x.detach().float().cpu().numpy())
-    return np.asarray(x, dtype=np.float32)
-
-
-def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(K, h, w) -> (K, H, W), bilinear (align_corners=False), via torch."""
-    import torch
-    import torch.nn.functional as F
-
-    if maps.shape[1:] == size:
-        return maps.astype(np.float32)
-    t = torch.as_tensor(maps, dtype=torch.float32)[:, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
-
-
 def plot_spatial_maps(
     images: Any,
     maps: Any,
@@ -622,7 +572,7 @@ def plot_spatial_maps(
         images: (K, C, H, W) or (K, H, W) images (tensor or array).
         maps: (K, h, w) spatial sparsity maps (``scope="spatial"``) of a layer.
         attributions: (K, H', W') maps, or a mapping method name -> (K, H', W') (see
-            :func:`xai_sparsity.attributions.attribute`); upsampled to (H, W) if needed.
+            :func:`xai_sparsity.views.attributions.attribute`); upsampled to (H, W) if needed.
         feature_maps: (K, h, w), or (K, C, h, w) shown as the mean over channels.
         titles: per-image row labels (e.g. class names).
         column_titles: override column titles by key: "input", "sparsity", "features", or a
@@ -637,31 +587,30 @@ def plot_spatial_maps(
         (K, h, w), ``spatial_sparsity_upsampled`` (K, H, W), ``attribution:<method>`` (K, H, W)
         and ``feature_maps`` (K, h, w) when given.
     """
-    from xai_sparsity.attributions import _normalise_map
 
-    imgs = _np(images)
+    imgs = as_numpy(images)
     if imgs.ndim == 3:
         imgs = imgs[:, None]
     if imgs.ndim != 4:
         raise XaiSparsityError(f"images must be (K, C, H, W) or (K, H, W); got shape {imgs.shape}")
     k, size = imgs.shape[0], (int(imgs.shape[2]), int(imgs.shape[3]))
-    sp = _np(maps)
+    sp = as_numpy(maps)
     if sp.ndim != 3 or sp.shape[0] != k:
         raise XaiSparsityError(f"maps must be (K, h, w) with K = {k} images; got shape {sp.shape}")
-    up = _upsample(sp, size)
+    up = upsample(sp, size)
     attrs: dict[str, np.ndarray] = {}
     if attributions is not None:
         given = attributions if isinstance(attributions, Mapping) else {"attribution": attributions}
         for name, a in given.items():
-            arr = _np(a)
+            arr = as_numpy(a)
             if arr.ndim != 3 or arr.shape[0] != k:
                 raise XaiSparsityError(
                     f"attributions {name!r} must be (K, H, W) with K = {k}; got shape {arr.shape}"
                 )
-            attrs[str(name)] = _upsample(arr, size)
+            attrs[str(name)] = upsample(arr, size)
     feats = None
     if feature_maps is not None:
-        feats = _np(feature_maps)
+        feats = as_numpy(feature_maps)
         if feats.ndim == 4:
             feats = feats.mean(axis=1)
         if feats.ndim != 3 or feats.shape[0] != k:
@@ -676,20 +625,20 @@ def plot_spatial_maps(
     columns = ["input", "sparsity", *attrs, *(["features"] if feats is not None else [])]
     lo, hi = sparsity_range if sparsity_range is not None else (float(sp.min()), float(sp.max()))
 
-    w = _width()
+    w = rc_width()
     cell = w / len(columns)
-    fig = _new_figure(fig, w, cell * k + 0.45)
+    fig = new_figure(fig, w, cell * k + 0.45)
     axes = np.asarray(fig.subplots(k, len(columns), squeeze=False))
     sparsity_image = None
     for i in range(k):
-        grey = _grey(imgs[i])
+        backdrop = grey(imgs[i])
         for j, col in enumerate(columns):
             ax = axes[i, j]
             if col == "input":
-                shown = _to_display(imgs[i])
+                shown = to_display(imgs[i])
                 ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
             elif col == "sparsity":
-                ax.imshow(grey, cmap="gray")
+                ax.imshow(backdrop, cmap="gray")
                 sparsity_image = ax.imshow(
                     up[i], cmap=SEQUENTIAL_CMAP, vmin=lo, vmax=hi, alpha=alpha
                 )
@@ -697,9 +646,9 @@ def plot_spatial_maps(
                 assert feats is not None
                 ax.imshow(feats[i], cmap="magma", interpolation="nearest")
             else:
-                ax.imshow(grey, cmap="gray")
+                ax.imshow(backdrop, cmap="gray")
                 ax.imshow(
-                    _normalise_map(attrs[col][i]),
+                    normalise_map(attrs[col][i]),
                     cmap=ATTRIBUTION_CMAP,
                     vmin=0,
                     vmax=1,
@@ -728,7 +677,7 @@ def plot_spatial_maps(
     data.update({f"attribution:{n}": a for n, a in attrs.items()})
     if feats is not None:
         data["feature_maps"] = feats
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 def plot_run_spatial_maps(
@@ -747,7 +696,7 @@ def plot_run_spatial_maps(
 
     With a ``model`` (e.g. the run's best or last weights loaded by the caller) the figure adds
     its Captum attribution(s) ``method`` and the layer's feature map (channel mean, captured
-    with :func:`xai_sparsity.capture.capture`); the sparsity maps stay those of ``epoch``.
+    with :func:`xai_sparsity.capturing.hooks.capture`); the sparsity maps stay those of ``epoch``.
 
     Args:
         run: run directory with ``spatial:<layer>`` arrays and ``probe.npz``.
@@ -755,7 +704,7 @@ def plot_run_spatial_maps(
         epoch: an epoch with arrays (default: the last one).
         max_images: at most this many probe images (None: all stored maps).
         model: optional model for attributions and feature maps.
-        method: attribution method(s) of :func:`xai_sparsity.attributions.attribute`; None: none.
+        method: attribution method(s) of :func:`xai_sparsity.views.attributions.attribute`; None: none.
         sparsity_range: colour range of the maps, see :func:`plot_spatial_maps`.
         fig: draw into this figure (cleared).
 
@@ -782,15 +731,16 @@ def plot_run_spatial_maps(
     if model is not None:
         import torch
 
-        from xai_sparsity.attributions import attribute
-        from xai_sparsity.capture import _eval_mode, capture
+        from xai_sparsity.base.modules import eval_mode
+        from xai_sparsity.capturing.hooks import capture
+        from xai_sparsity.views.attributions import attribute
 
         x = torch.as_tensor(images, dtype=torch.float32)
         methods = [method] if isinstance(method, str) else list(method or [])
         attributions = {m: attribute(model, x, method=m) for m in methods} or None
         param = next(iter(model.parameters()), None)
         with (
-            _eval_mode(model),
+            eval_mode(model),
             torch.no_grad(),
             capture(model, [layer], mode="keep", clone=True) as cap,
         ):
@@ -813,15 +763,6 @@ def plot_run_spatial_maps(
 
 
 # --------------------------------------------------------------------------- figure 5
-def _mean_abs_offdiag(r: np.ndarray) -> float:
-    """Mean |r| over off-diagonal pairs of live channels (dead channels have a 0 diagonal)."""
-    live = np.flatnonzero(np.abs(np.diag(r)) > 0.5)
-    if live.size < 2:
-        return 0.0
-    sub = np.abs(r[np.ix_(live, live)])
-    return float((sub.sum() - np.trace(sub)) / (live.size * (live.size - 1)))
-
-
 def plot_correlation(
     runs: Mapping[str, RunLike] | RunLike,
     layer: str,
@@ -848,13 +789,13 @@ def plot_correlation(
         chosen, arrays = _load_arrays(run_, epoch)
         mats[arm] = (chosen, _array(run_, arrays, "correlation", layer, chosen).astype(float))
     n = len(mats)
-    w = _width()
-    fig = _new_figure(fig, w, w / n * 1.05 + 0.4)
+    w = rc_width()
+    fig = new_figure(fig, w, w / n * 1.05 + 0.4)
     axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
     im = None
     for ax, (arm, (chosen, mat)) in zip(axes, mats.items(), strict=True):
         im = ax.imshow(mat, cmap=DIVERGING_CMAP, vmin=-1.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{arm} (epoch {chosen})\nmean |r| = {_mean_abs_offdiag(mat):.2f}")
+        ax.set_title(f"{arm} (epoch {chosen})\nmean |r| = {correlation_summary(mat):.2f}")
         ax.set_xlabel("channel")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -865,7 +806,7 @@ def plot_correlation(
     for arm, (chosen, mat) in mats.items():
         data[f"correlation:{arm}"] = mat
         data[f"epoch:{arm}"] = np.asarray(chosen)
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 def _common_layers(
@@ -914,9 +855,9 @@ def plot_correlation_over_epochs(
         for n in chosen
     ]
     data = pd.concat(frames, ignore_index=True)
-    w = _width()
+    w = rc_width()
     if len(arms) == 1:
-        fig = _new_figure(fig, w, w * 0.55)
+        fig = new_figure(fig, w, w * 0.55)
         ax = fig.add_subplot()
         for n, color in zip(chosen, _colors(len(chosen)), strict=True):
             sel = data[data["layer"] == n]
@@ -924,10 +865,10 @@ def plot_correlation_over_epochs(
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean |r|")
         ax.legend(loc="best", ncol=2 if len(chosen) > 4 else 1)
-        return _attach(fig, data)
+        return attach(fig, data)
     cols = min(3, len(chosen))
     rows_n = -(-len(chosen) // cols)
-    fig = _new_figure(fig, w, w / cols * 0.8 * rows_n + 0.3)
+    fig = new_figure(fig, w, w / cols * 0.8 * rows_n + 0.3)
     axes = np.asarray(fig.subplots(rows_n, cols, squeeze=False, sharex=True, sharey=True))
     colors = dict(zip(arms, _colors(len(arms)), strict=True))
     for ax, n in zip(axes.flat, chosen, strict=False):
@@ -944,7 +885,7 @@ def plot_correlation_over_epochs(
     for ax in axes[:, 0]:
         ax.set_ylabel("mean |r|")
     axes.flat[0].legend(loc="best")
-    return _attach(fig, data)
+    return attach(fig, data)
 
 
 # --------------------------------------------------------------------------- figure 6
@@ -997,9 +938,9 @@ def plot_regulariser_comparison(
         )
     data = pd.concat(frames, ignore_index=True)
 
-    w = _width()
+    w = rc_width()
     wide = w >= 5.0
-    fig = _new_figure(fig, w, w * 0.36 if wide else w * 1.35)
+    fig = new_figure(fig, w, w * 0.36 if wide else w * 1.35)
     axes = fig.subplots(1, 3, sharex=True) if wide else fig.subplots(3, 1, sharex=True)
     colors = dict(zip(arms, _colors(len(arms)), strict=True))
     panels = (
@@ -1019,4 +960,4 @@ def plot_regulariser_comparison(
     for ax in axes if wide else axes[-1:]:
         ax.set_xlabel("epoch")
     axes[0].legend(loc="best")
-    return _attach(fig, data)
+    return attach(fig, data)

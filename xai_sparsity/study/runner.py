@@ -29,13 +29,13 @@ run directories, and two groups that ask for identical settings share one run. A
 ``penalty_layers = "auto"`` depends on the run with the same settings and no penalty (added when
 the config lacks it) and is trained after it, penalising the layers whose sparsity rose before
 that baseline's test-loss minimum (the deepest conv activation when none did; see
-:func:`xai_sparsity.training.run_experiment`).
+:func:`xai_sparsity.training.trainer.run_experiment`).
 
 :func:`run_study` trains the runs in worker processes (``forkserver``/``spawn``; one torch thread
 each) or in this process (``workers=1``, e.g. on a GPU), skips complete runs (``summary.json``),
 resumes interrupted ones from their checkpoints, and rewrites ``summary.csv`` atomically after
 every run: one row per run with the settings, seed, ``t_L``, ``turned``, best and final test
-accuracy and every indicator's firing epoch (:mod:`xai_sparsity.indicators`).
+accuracy and every indicator's firing epoch (:mod:`xai_sparsity.study.indicators`).
 
 :func:`report` turns a summary CSV into the tables, figures and verdicts of docs/science.md.
 
@@ -69,8 +69,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xai_sparsity._errors import XaiSparsityError
-from xai_sparsity.rundir import RunDir, atomic_open, atomic_write_text
+from xai_sparsity.base.errors import XaiSparsityError
+from xai_sparsity.base.files import atomic_open, atomic_write_text
+from xai_sparsity.runs.rundir import RunDir
 
 SUMMARY_NAME = "summary.csv"
 """File name of the study summary inside the study folder."""
@@ -96,8 +97,8 @@ class StudyRun:
     depends_on: str | None = None
 
     def config(self) -> Any:
-        """The :class:`xai_sparsity.training.TrainConfig` of this run (``auto`` not resolved)."""
-        from xai_sparsity.training import TrainConfig
+        """The :class:`xai_sparsity.training.trainer.TrainConfig` of this run (``auto`` not resolved)."""
+        from xai_sparsity.training.trainer import TrainConfig
 
         return TrainConfig.from_dict({**self.settings, "seed": self.seed, "arm": self.arm})
 
@@ -151,12 +152,12 @@ def _axis_values(key: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
-    from xai_sparsity.training import TrainConfig
+    from xai_sparsity.training.trainer import TrainConfig
 
     valid = {f for f in TrainConfig.__dataclass_fields__}
     bad = sorted(set(settings) - valid)
     if bad:
-        from xai_sparsity._errors import closest
+        from xai_sparsity.base.errors import closest
 
         hints = {b: closest(b, valid, 2) for b in bad}
         raise XaiSparsityError(f"{where}: unknown setting(s) {bad} (closest: {hints})")
@@ -311,7 +312,7 @@ def _base_row(r: StudyRun, setting_keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _default(key: str) -> Any:
-    from xai_sparsity.training import TrainConfig
+    from xai_sparsity.training.trainer import TrainConfig
 
     return getattr(TrainConfig(), key, None)
 
@@ -322,10 +323,10 @@ def summarize_run(run: RunDir | str | os.PathLike[str]) -> dict[str, Any]:
     Keys: ``status``, ``epochs``, ``t_L``, ``turned``, ``rise``, ``best_test_acc``,
     ``best_test_acc_epoch``, ``final_test_acc``, ``min_test_loss``, ``final_test_loss``,
     ``final_train_acc``, ``final_sparsity_deepest``, ``final_correlation``, ``penalty_layers_used``,
-    ``seconds``, and the indicator columns of :func:`xai_sparsity.indicators.evaluate_run`.
+    ``seconds``, and the indicator columns of :func:`xai_sparsity.study.indicators.evaluate_run`.
     """
-    from xai_sparsity.analysis import overfitting_onset
-    from xai_sparsity.indicators import RunData, evaluate_run
+    from xai_sparsity.runs.analysis import overfitting_onset
+    from xai_sparsity.study.indicators import RunData, evaluate_run
 
     r = run if isinstance(run, RunDir) else RunDir(run)
     df = r.history()
@@ -408,7 +409,7 @@ def _train_one(
     run: StudyRun, out: str, device: str | None, baseline_dir: str | None
 ) -> dict[str, Any]:
     """Train (or resume) one run; return its result columns. Runs in a worker process."""
-    from xai_sparsity.training import TrainConfig, _resolve_auto, train
+    from xai_sparsity.training.trainer import TrainConfig, resolve_auto_targets, train
 
     settings = {**run.settings, "seed": run.seed, "arm": run.arm}
     if device is not None:
@@ -423,7 +424,9 @@ def _train_one(
         unresolved = TrainConfig.from_dict({**settings, "penalty_lambda": 0.0})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cfg = _resolve_auto(unresolved, RunDir(baseline_dir), path).replace(penalty_lambda=lam)
+            cfg = resolve_auto_targets(unresolved, RunDir(baseline_dir), path).replace(
+                penalty_lambda=lam
+            )
     else:
         cfg = TrainConfig.from_dict(settings)
     if os.environ.get("XAI_SPARSITY_STUDY_FAIL") == run.run_id:  # fault injection for tests
@@ -840,7 +843,7 @@ def _figures(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from xai_sparsity.indicators import leads
+    from xai_sparsity.study.indicators import leads
 
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
@@ -944,14 +947,14 @@ def _figures(
 
 
 def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[str, str]:
-    """Figures 1 and 6 of the library (``xai_sparsity.figures``) for example runs of the study:
+    """Figures 1 and 6 of the library (``xai_sparsity.views.figures``) for example runs of the study:
     one overfitting baseline, one negative control, and the regularisers of the penalty group."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from xai_sparsity.figures import plot_loss_and_sparsity, plot_regulariser_comparison
+    from xai_sparsity.views.figures import plot_loss_and_sparsity, plot_regulariser_comparison
 
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
@@ -982,7 +985,7 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
         }
         runs = {a: p for a, p in runs.items() if (p / "history.csv").exists()}
         if len(runs) >= 2:
-            from xai_sparsity.indicators import feature_layers
+            from xai_sparsity.study.indicators import feature_layers
 
             first_run = RunDir(next(iter(runs.values())))
             deepest = feature_layers(first_run.history())[-1]
@@ -1110,8 +1113,8 @@ def build_report(
     """The generated markdown of the study (tables, figures, verdicts) from a summary CSV.
 
     ``runs_dir`` (the study folder with the run directories) adds figures 1 and 6 of
-    :mod:`xai_sparsity.figures` for example runs."""
-    from xai_sparsity.indicators import score_indicators
+    :mod:`xai_sparsity.views.figures` for example runs."""
+    from xai_sparsity.study.indicators import score_indicators
 
     df = summary if isinstance(summary, pd.DataFrame) else read_summary(summary)
     if "turned" in df.columns:
@@ -1308,10 +1311,10 @@ def report_command(args: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xai_sparsity.study run CONFIG --out DIR`` / ``report SUMMARY``."""
+    """``python -m xai_sparsity.study.runner run CONFIG --out DIR`` / ``report SUMMARY``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m xai_sparsity.study")
+    parser = argparse.ArgumentParser(prog="python -m xai_sparsity.study.runner")
     sub = parser.add_subparsers(dest="command", required=True)
     add_study_arguments(sub.add_parser("run", help="run a study"))
     add_report_arguments(sub.add_parser("report", help="write the report"))

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
 
 __all__ = [
     "MEASURES",
@@ -104,7 +104,7 @@ def _reduce_dims(x: Tensor, scope: str, fn: str) -> tuple[tuple[int, ...], int]:
     return dims, n
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
+def work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -114,7 +114,7 @@ def _transformed(x: Tensor, transform: str, *, owned: bool) -> Tensor:
     ``owned=True`` returns a fresh buffer that the caller may overwrite in place (no-grad path).
     """
     check_choice("transform", transform, TRANSFORMS)
-    dtype = _work_dtype(x)
+    dtype = work_dtype(x)
     if x.dtype != dtype:
         a = x.to(dtype)
         return a.abs_() if transform == "abs" else a.clamp_min_(0)
@@ -200,7 +200,7 @@ def _chunked_entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[
     tensor-sized temporary is allocated, which matters most where every large allocation is a
     fresh ``mmap`` (pinned glibc malloc settings) and keeps the passes in cache.
     """
-    dtype = _work_dtype(x)
+    dtype = work_dtype(x)
     k = _chunk_rows(x)
     buf = torch.empty((k, *x.shape[1:]), dtype=dtype, device=x.device)
     logs = torch.empty_like(buf)
@@ -286,7 +286,7 @@ def _neg_plogp_sum(p: Tensor, dims: tuple[int, ...], *, fused: bool) -> Tensor:
     return -torch.log(p).mul_(p).sum(dim=dims)
 
 
-def _sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
+def sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
     # A dead map counts as PP = 1 (H = 0): s = 1 (normalized, entropy), 1 - 1/N (relative). The
     # `where` also cuts the gradient of dead maps to exactly zero.
     h = torch.where(dead, torch.zeros_like(h), h)
@@ -305,7 +305,7 @@ def _sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor
 
 
 def _out(s: Tensor, x: Tensor) -> Tensor:
-    return s.to(_work_dtype(x))
+    return s.to(work_dtype(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def perplexity_sparsity(
     dims, n = _reduce_dims(x, scope, fn)
     check_choice("variant", variant, VARIANTS)
     h, dead = _entropy(x, dims, transform)
-    s = _sparsity_from_entropy(h, dead, n, variant)
+    s = sparsity_from_entropy(h, dead, n, variant)
     return _check_result(_out(s, x), x, fn, scope, check_finite)
 
 
@@ -359,7 +359,7 @@ def entropy_sparsity(
     x = _check_tensor(x, fn)
     dims, n = _reduce_dims(x, scope, fn)
     h, dead = _entropy(x, dims, transform)
-    s = _sparsity_from_entropy(h, dead, n, "entropy")
+    s = sparsity_from_entropy(h, dead, n, "entropy")
     return _check_result(_out(s, x), x, fn, scope, check_finite)
 
 
@@ -424,7 +424,7 @@ def zero_fraction(
         if not x.is_floating_point():
             x = x.to(torch.float32)
         off = (x == 0) if tol == 0 else (x.abs() <= tol)
-        s = off.sum(dim=dims, dtype=torch.int64).to(_work_dtype(x)) / n
+        s = off.sum(dim=dims, dtype=torch.int64).to(work_dtype(x)) / n
         if check_finite:
             # max and min propagate NaN and show +-Inf; kept apart so that fp16 cannot overflow
             _check_result(torch.stack([x.amax(dim=dims), x.amin(dim=dims)]), x, fn, scope, True)

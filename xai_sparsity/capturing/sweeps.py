@@ -1,13 +1,13 @@
 """Dataset sweep: sparsity statistics of every selected layer over a whole data loader.
 
 The sweep runs the model in eval mode under ``torch.no_grad`` with a reduce-mode
-:func:`~xai_sparsity.capture.capture` and streams everything into fixed-size accumulators, so its
+:func:`~xai_sparsity.capturing.hooks.capture` and streams everything into fixed-size accumulators, so its
 memory does not grow with the number of images:
 
 - per (measure, scope): count, sum, sum of squares, min, max and a 1,000-bin histogram on [0, 1]
   (mean, std and quantiles; the measures are bounded);
 - per measure: the mean channel-scope value of each channel (C,) and the mean spatial map (H, W);
-- per conv layer: a :class:`~xai_sparsity.correlation.CorrelationAccumulator` (filter
+- per conv layer: a :class:`~xai_sparsity.measuring.correlation.CorrelationAccumulator` (filter
   correlation over positions);
 - per unit: lifetime sparsity from S = sum_m a_m and T = sum_m a_m ln a_m over the samples
   (a = the unit's transformed activation, averaged over positions), H = ln S - T / S.
@@ -47,14 +47,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
-from xai_sparsity.capture import SCOPES, LayerSpec, _eval_mode, _scope_applies, _unwrap, capture
-from xai_sparsity.kernels import LOG_FLOOR
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
+from xai_sparsity.base.modules import eval_mode, resolve_device, unwrap
+from xai_sparsity.capturing.hooks import SCOPES, LayerSpec, capture, scope_applies
+from xai_sparsity.measuring.engine import LOG_FLOOR
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from xai_sparsity.correlation import CorrelationAccumulator
+    from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
 __all__ = ["LayerSweep", "RunningStats", "SweepResult", "sweep"]
 
@@ -497,7 +498,7 @@ def _entropy_h(s: Tensor, t: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
 def _entropy_measure(h: Tensor, n: int, kind: str, out: Tensor) -> Tensor:
     """Perplexity (``kind`` a variant) or entropy sparsity of groups of N units from their
     entropy H, into ``out``; H = 0 (a dead group) gives 1 (1 - 1/N for "relative"), as in
-    :mod:`xai_sparsity.measures`."""
+    :mod:`xai_sparsity.measuring.measures`."""
     if kind == "entropy":
         return torch.mul(h, -1.0 / math.log(n), out=out).add_(1.0).clamp_(0.0, 1.0)
     torch.exp(h, out=out)  # PP
@@ -544,7 +545,7 @@ class _LayerAccumulator:
         self.device = out.device
         self.dtype = out.dtype
         self.measures = tuple(measures)
-        self.scopes = tuple(s for s in scopes if _scope_applies(s, out))
+        self.scopes = tuple(s for s in scopes if scope_applies(s, out))
         self.options = {m: {**dict(options.get(m, {})), "check_finite": False} for m in measures}
         self.stats = {(m, s): RunningStats(self.device) for m in self.measures for s in self.scopes}
         self.channel_sum: dict[str, Tensor] = {}
@@ -552,7 +553,7 @@ class _LayerAccumulator:
         self.n = 0
         self.corr: CorrelationAccumulator | None = None
         if correlation and out.dim() >= 3 and out.shape[1] >= 2:
-            from xai_sparsity.correlation import CorrelationAccumulator
+            from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
             precision = "double" if out.dtype == torch.float64 else "single"
             self.corr = CorrelationAccumulator(over="positions", precision=precision)
@@ -607,7 +608,7 @@ class _LayerAccumulator:
     ) -> _Sums | None:
         """Add one batch output (B, ...). ``shared``: this layer's sums computed by the previous
         layer's pass; ``relu``: also compute (and return) the sums of a following ReLU."""
-        from xai_sparsity.measures import compute_measure
+        from xai_sparsity.measuring.measures import compute_measure
 
         if tuple(out.shape[1:]) != self.shape:
             raise XaiSparsityError(
@@ -803,7 +804,7 @@ class SweepResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as an ``.npz`` file atomically (temp file, fsync, rename)."""
-        from xai_sparsity.rundir import atomic_open
+        from xai_sparsity.base.files import atomic_open
 
         with atomic_open(path) as f:
             np.savez(f, **self.to_dict())  # type: ignore[arg-type]
@@ -821,15 +822,6 @@ _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _RELU_FEEDS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 """Per model: which selected ReLU consumes which measured layer's output, learnt by earlier
 batches and sweeps (a hint only: every use is checked by tensor identity and version)."""
-
-
-def _auto_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _batch_input(batch: Any, index: int) -> Tensor:
@@ -879,9 +871,9 @@ def sweep(
         loader: an iterable of batches: tensors (B, ...), ``(inputs, labels, ...)`` tuples/lists,
             or dicts with an ``"image"`` or ``"input"`` tensor (e.g. a DataLoader). A single
             tensor is one batch. Floating inputs are cast to the model's parameter dtype.
-        layers: what :func:`~xai_sparsity.capture.resolve_layers` accepts (default: conv and
+        layers: what :func:`~xai_sparsity.capturing.hooks.resolve_layers` accepts (default: conv and
             activation layers).
-        measures: names from ``xai_sparsity.measures.MEASURES``.
+        measures: names from ``xai_sparsity.measuring.measures.MEASURES``.
         scopes: ``"layer"``, ``"channel"``, ``"spatial"`` (a scope with fewer than 2 units for a
             layer, such as ``"channel"`` for a (B, F) output, is skipped for that layer).
         correlation: accumulate filter correlation for layers with (B, C >= 2, ...) outputs.
@@ -896,12 +888,12 @@ def sweep(
     Returns:
         A :class:`SweepResult`; ``result.summary()`` is a DataFrame.
     """
-    root = _unwrap(model)
+    root = unwrap(model)
     if isinstance(measures, str):
         measures = (measures,)
     if isinstance(scopes, str):
         scopes = (scopes,)
-    from xai_sparsity.measures import MEASURES
+    from xai_sparsity.measuring.measures import MEASURES
 
     measures = tuple(check_choice("measure", m, tuple(MEASURES)) for m in measures)
     scopes = tuple(check_choice("scope", s, SCOPES) for s in scopes)
@@ -919,7 +911,7 @@ def sweep(
             raise XaiSparsityError(
                 f"measure_options has key {m!r}, which is not among measures={measures}"
             )
-    from xai_sparsity.measures import compute_measure
+    from xai_sparsity.measuring.measures import compute_measure
 
     probe = torch.rand(1, 2, 2)  # bad option names or values fail here, before the sweep runs
     checked = set(measures) | ({"perplexity"} if lifetime else set())
@@ -944,7 +936,7 @@ def sweep(
     home = params[0].device if params else torch.device("cpu")
     dtype = next((p.dtype for p in params if p.is_floating_point()), None)
     if device is None:
-        target = home if home.type != "cpu" else _auto_device()
+        target = home if home.type != "cpu" else resolve_device("auto")
     else:
         target = torch.device(device)
 
@@ -1031,7 +1023,7 @@ def sweep(
             for n in cap.layers
             if type(modules.get(n)) is nn.ReLU
         )
-        with _eval_mode(root), torch.no_grad(), cap:
+        with eval_mode(root), torch.no_grad(), cap:
             bar = tqdm(loader, total=total, desc="sweep", unit="batch", disable=not progress)
             try:
                 for i, batch in enumerate(bar):

@@ -17,7 +17,7 @@ afterwards; parameters' ``requires_grad`` and ``.grad`` are left untouched. In-p
 
 >>> import torch
 >>> from torch import nn
->>> from xai_sparsity.attributions import attribute
+>>> from xai_sparsity.views.attributions import attribute
 >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
 >>> attribute(model, torch.rand(2, 1, 4, 4), method="gradcam").shape
 torch.Size([2, 4, 4])
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -57,10 +57,10 @@ TargetsLike = int | Sequence[int] | Tensor | np.ndarray | None
 @contextlib.contextmanager
 def _attribution_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and out-of-place activations for the block; both restored afterwards."""
-    from xai_sparsity.capture import _eval_mode
+    from xai_sparsity.base.modules import eval_mode
 
     inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             for m in inplace:
                 m.inplace = False  # type: ignore[assignment]
@@ -253,12 +253,6 @@ def attribute(
 
 
 # --------------------------------------------------------------------------- plotting
-def _normalise_map(m: np.ndarray) -> np.ndarray:
-    """Scale a map to [0, 1] by its max |value|; an all-zero map stays zero (never NaN)."""
-    peak = float(np.nanmax(np.abs(m))) if m.size else 0.0
-    return m / peak if peak > 0 else np.zeros_like(m)
-
-
 def plot_attributions(
     images: Tensor | np.ndarray,
     attributions: Tensor | np.ndarray | Mapping[str, Tensor | np.ndarray],
@@ -283,7 +277,14 @@ def plot_attributions(
     Returns:
         The figure; ``fig.xai_data`` is a dict of arrays ``{"images": ..., <method>: (B, H, W)}``.
     """
-    from xai_sparsity.figures import _attach, _grey, _new_figure, _to_display, _width
+    from xai_sparsity.views.plotting import (
+        attach,
+        grey,
+        new_figure,
+        normalise_map,
+        rc_width,
+        to_display,
+    )
 
     imgs = _to_numpy(images)
     if imgs.ndim == 3:
@@ -305,20 +306,20 @@ def plot_attributions(
     if titles is not None and len(titles) != b:
         raise XaiSparsityError(f"got {len(titles)} titles for {b} images")
     cols = 1 + len(maps)
-    w = _width()
+    w = rc_width()
     cell = w / cols
-    fig = _new_figure(fig, w, cell * b + 0.3)
+    fig = new_figure(fig, w, cell * b + 0.3)
     axes = np.asarray(fig.subplots(b, cols, squeeze=False))
     for i in range(b):
-        shown = _to_display(imgs[i])
+        shown = to_display(imgs[i])
         axes[i, 0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
         if titles is not None:
             axes[i, 0].set_ylabel(str(titles[i]))
         for j, (name, m) in enumerate(maps.items(), start=1):
             ax = axes[i, j]
-            norm = _normalise_map(m[i])
+            norm = normalise_map(m[i])
             if overlay:
-                ax.imshow(_grey(imgs[i]), cmap="gray")
+                ax.imshow(grey(imgs[i]), cmap="gray")
                 ax.imshow(norm, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
             else:
                 ax.imshow(norm, cmap=cmap, vmin=0, vmax=1)
@@ -329,7 +330,7 @@ def plot_attributions(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    return _attach(fig, {"images": imgs, **maps})
+    return attach(fig, {"images": imgs, **maps})
 
 
 def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A Markdown report comparing the arms of an experiment: tables, figures and plain verdicts.
 
 :func:`write_report` writes ``report.md`` and its figures (``figures/*.png``) for a set of run
-directories (e.g. the result of :func:`xai_sparsity.training.run_experiment`):
+directories (e.g. the result of :func:`xai_sparsity.training.trainer.run_experiment`):
 
 - a table per arm: best and final test accuracy, lowest and final test loss, t_L (epoch of the
   smoothed test-loss minimum), whether the test loss turned and by how much, the epoch the
@@ -10,10 +10,10 @@ directories (e.g. the result of :func:`xai_sparsity.training.run_experiment`):
 - probe-set sparsity per layer and arm at the last epoch, and the verdicts the project checks
   (did the baseline overfit; is the penalised arm's conv-layer sparsity below the baseline's;
   which arm reached the best test accuracy);
-- figures from :mod:`xai_sparsity.figures`: loss curves with per-layer sparsity (figure 1) and
+- figures from :mod:`xai_sparsity.views.figures`: loss curves with per-layer sparsity (figure 1) and
   the layer x epoch heatmap (figure 2) per arm, and the regulariser comparison (figure 6).
 
->>> from xai_sparsity.report import markdown_table
+>>> from xai_sparsity.study.report import markdown_table
 >>> print(markdown_table(["arm", "acc"], [["baseline", "0.93"]]))
 | arm | acc |
 |---|---|
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from xai_sparsity._errors import XaiSparsityError
-from xai_sparsity.rundir import RunDir, as_run, atomic_write_text
+from xai_sparsity.base.errors import XaiSparsityError
+from xai_sparsity.base.files import atomic_write_text
+from xai_sparsity.runs.rundir import RunDir, as_run
 
 if TYPE_CHECKING:
-    from xai_sparsity.training import TrainConfig
+    from xai_sparsity.training.trainer import TrainConfig
 
 __all__ = [
     "DEMO_ARMS",
@@ -68,7 +69,7 @@ def _runs(runs: Mapping[str, RunLike]) -> dict[str, RunDir]:
 
 
 def _analysis(run: RunDir) -> dict[str, Any]:
-    from xai_sparsity.analysis import analyze
+    from xai_sparsity.runs.analysis import analyze
 
     try:
         return analyze(run).to_dict()
@@ -171,13 +172,15 @@ def sparsity_table(runs: Mapping[str, RunLike], *, epoch: int | None = None) -> 
 def _figures(runs: dict[str, RunDir], folder: Path) -> dict[str, list[tuple[str, str]]]:
     """Draw the figures; returns arm -> [(caption, relative path)] ("" key: comparison)."""
     try:
-        from xai_sparsity import figures
+        from xai_sparsity.views import figures as figures
     except ImportError as err:  # pragma: no cover - matplotlib is a dependency
         raise XaiSparsityError(f"the report's figures need matplotlib: {err}") from err
     needed = ("plot_loss_and_sparsity", "plot_sparsity_heatmap", "save_figure")
     missing = [n for n in needed if not hasattr(figures, n)]
     if missing:
-        raise XaiSparsityError(f"xai_sparsity.figures lacks {missing}; cannot draw the report")
+        raise XaiSparsityError(
+            f"xai_sparsity.views.figures lacks {missing}; cannot draw the report"
+        )
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -262,7 +265,7 @@ def write_report(
         out: the folder of the report.
         title: the report's heading.
         intro: Markdown placed under the heading (settings, how it was made).
-        figures: draw the figures (needs :mod:`xai_sparsity.figures` and matplotlib).
+        figures: draw the figures (needs :mod:`xai_sparsity.views.figures` and matplotlib).
     """
     rs = _runs(runs)
     folder = Path(out)
@@ -409,7 +412,7 @@ def demo_config(seed: int = 0, *, quick: bool = False) -> TrainConfig:
     learning at all in our runs).
     ``quick=True``: a tiny model and data for tests (seconds, no overfitting expected).
     """
-    from xai_sparsity.training import TrainConfig
+    from xai_sparsity.training.trainer import TrainConfig
 
     if quick:
         return TrainConfig(
@@ -495,7 +498,7 @@ def run_demo(
 
     Finished arms are reused and interrupted ones resume, so re-running continues the work.
     """
-    from xai_sparsity.training import run_experiment
+    from xai_sparsity.training.trainer import run_experiment
 
     cfg = config if config is not None else demo_config(seed, quick=quick)
     t0 = time.perf_counter()

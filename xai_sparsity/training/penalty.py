@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
 
 if TYPE_CHECKING:
-    from xai_sparsity.capture import Capture, LayerSpec
-    from xai_sparsity.rundir import RunDir
+    from xai_sparsity.capturing.hooks import Capture, LayerSpec
+    from xai_sparsity.runs.rundir import RunDir
 
 SCOPES = ("layer", "channel", "spatial")
 VARIANTS = ("normalized", "relative")
@@ -53,7 +53,7 @@ class SparsityPenalty:
     """``lam * sum_l w_l * mean_batch s_l`` over targeted layers, from the loss's own forward.
 
     Args:
-        layers: targeted layers: what :func:`xai_sparsity.capture.resolve_layers` accepts
+        layers: targeted layers: what :func:`xai_sparsity.capturing.hooks.resolve_layers` accepts
             (names, glob patterns, module types, predicates, or a list of these).
         lam: the penalty strength lambda (>= 0).
         weights: per-layer weights ``w_l``: a mapping from a layer name or glob pattern to a
@@ -148,7 +148,7 @@ class SparsityPenalty:
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator[SparsityPenalty]:
         """Open the differentiable reduce-mode capture on ``model`` for the ``with`` block."""
-        from xai_sparsity.capture import capture
+        from xai_sparsity.capturing.hooks import capture
 
         cap = capture(
             model,
@@ -236,14 +236,14 @@ def auto_targets(
 ) -> list[str]:
     """The layers whose sparsity rose at or before the test-loss minimum of a baseline run.
 
-    Uses :func:`xai_sparsity.analysis.analyze` (``rule`` overrides its settings): layers with a
+    Uses :func:`xai_sparsity.runs.analysis.analyze` (``rule`` overrides its settings): layers with a
     sustained-rise onset ``t_s <= t_L``. Names carry a ``#k`` suffix only for reused modules;
     the suffix is dropped (a penalty on a module covers all its calls).
 
     Raises :class:`XaiSparsityError` when the baseline's test loss never turned (no ``t_L``).
     Returns an empty list when no layer's sparsity rose before ``t_L``.
     """
-    from xai_sparsity.analysis import analyze
+    from xai_sparsity.runs.analysis import analyze
 
     result = analyze(baseline_run, measure=measure, **rule)
     if not result.turned or result.t_L is None:

@@ -26,7 +26,7 @@ Images are normalised per dataset (fixed channel means and standard deviations).
 off by default so that overfitting shows; ``augment=True`` adds small random shifts for digits,
 random crops with padding and horizontal flips for CIFAR and image folders.
 
->>> from xai_sparsity.data import load_data
+>>> from xai_sparsity.training.data import load_data
 >>> data = load_data("mnist5k", train_size=200, probe_size=100, test_size=300)
 >>> len(data.train), len(data.probe), len(data.test), data.num_classes, data.image_size
 (200, 100, 300, 10, (28, 28))
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
 
 DATASETS = ("mnist5k", "digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder")
 

@@ -18,7 +18,7 @@ the widget's own controls, never from notebook variables. ``obj.rendered`` maps 
 its current PNG bytes, and ``obj.controls`` maps each control name to its ipywidget.
 
 >>> import torch, torch.nn as nn
->>> from xai_sparsity.widgets import LayerExplorer
+>>> from xai_sparsity.views.widgets import LayerExplorer
 >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
 >>> explorer = LayerExplorer(net, torch.rand(2, 1, 12, 12), methods=("saliency",))
 >>> explorer.controls["layer"].options
@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
+from xai_sparsity.measuring.correlation import correlation_summary
+from xai_sparsity.views.plotting import to_display, upsample
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -51,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from matplotlib.text import Text
 
-    from xai_sparsity.analysis import EarlyWarning
+    from xai_sparsity.runs.analysis import EarlyWarning
 
 __all__ = ["EpochScrubber", "LayerExplorer", "RunComparison", "TrainingMonitor"]
 
@@ -72,7 +74,7 @@ def _ipywidgets() -> Any:
         import ipywidgets
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "xai_sparsity.widgets needs ipywidgets: pip install 'xai-sparsity[notebooks]'"
+            "xai_sparsity.views.widgets needs ipywidgets: pip install 'xai-sparsity[notebooks]'"
         ) from None
     return ipywidgets
 
@@ -285,25 +287,8 @@ class _BlitPanel(_Panel):
 
 def _display_image(image: Tensor | np.ndarray) -> tuple[np.ndarray, str | None]:
     """(C, H, W) or (H, W) image -> an array imshow can show (min-max scaled) and its cmap."""
-    a = image.detach().float().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    a = a.astype(np.float64)
-    if a.ndim == 3:
-        if a.shape[0] == 3:
-            a = np.moveaxis(a, 0, -1)
-        elif a.shape[0] == 1:
-            a = a[0]
-        else:
-            a = a.mean(axis=0)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    a = to_display(image)
     return a, (None if a.ndim == 3 else "gray")
-
-
-def _upsample(m: Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) map -> (H, W) by bilinear interpolation."""
-    t = torch.as_tensor(np.asarray(m, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    return up[0, 0].numpy()
 
 
 def _overlay(
@@ -322,7 +307,7 @@ def _overlay(
         base = base.mean(axis=-1)
     ax.imshow(base, cmap="gray")
     artist = ax.imshow(
-        _upsample(heat, (base.shape[0], base.shape[1])), cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55
+        upsample(heat, (base.shape[0], base.shape[1])), cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55
     )
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
@@ -351,16 +336,6 @@ def _correlation_image(fig: Figure, ax: Axes, r: np.ndarray, title: str) -> None
     ax.set_ylabel("channel", fontsize=8)
     ax.tick_params(labelsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-
-
-def _mean_abs_offdiag(r: np.ndarray, dead: np.ndarray | None = None) -> float:
-    live = np.ones(r.shape[0], dtype=bool) if dead is None else ~np.asarray(dead, dtype=bool)
-    sub = r[np.ix_(live, live)]
-    n = sub.shape[0]
-    if n < 2:
-        return 0.0
-    off = sub[~np.eye(n, dtype=bool)]
-    return float(np.abs(off).mean())
 
 
 class _Widget:
@@ -398,7 +373,7 @@ class LayerExplorer(_Widget):
     """Explore what each layer of a model computes for a few images.
 
     Controls: ``controls["layer"]`` (Dropdown of the layers with (C, H, W) outputs, from
-    :func:`~xai_sparsity.capture.list_layers`), ``controls["image"]`` (IntSlider over the images),
+    :func:`~xai_sparsity.capturing.hooks.list_layers`), ``controls["image"]`` (IntSlider over the images),
     ``controls["channel"]`` (IntSlider over the layer's channels) and ``controls["method"]``
     (Dropdown of attribution methods). Panels (``rendered`` keys): ``input``, ``feature_maps`` (a
     page of up to ``max_maps`` channels holding the chosen one, which is framed),
@@ -408,7 +383,7 @@ class LayerExplorer(_Widget):
     none, the predicted class).
 
     Activations of every selectable layer are computed once per image, in one forward with
-    :func:`~xai_sparsity.capture.capture` in keep mode, and cached (``cache_info()``); the model
+    :func:`~xai_sparsity.capturing.hooks.capture` in keep mode, and cached (``cache_info()``); the model
     runs in eval mode under ``no_grad`` and its train/eval flags are restored. Correlations,
     sparsities and attributions are cached too. A change re-renders only the panels that depend
     on it (an image change leaves the correlation alone, a layer switch the input); each panel's
@@ -419,7 +394,7 @@ class LayerExplorer(_Widget):
         model: a CNN.
         images: (K, C, H, W) inputs as the model expects them (normalised).
         labels: (K,) class indices (attribution targets); ``None`` uses the predicted class.
-        layers: a layer selection for :func:`~xai_sparsity.capture.resolve_layers` (default:
+        layers: a layer selection for :func:`~xai_sparsity.capturing.hooks.resolve_layers` (default:
             convolution and activation modules); layers whose output is not (B, C, H, W) with
             C >= 2 and H * W >= 2 are left out.
         methods: attribution method names (default: every one in ``attributions.METHODS``).
@@ -448,7 +423,7 @@ class LayerExplorer(_Widget):
         device: torch.device | str | None = None,
     ) -> None:
         w = _ipywidgets()
-        from xai_sparsity.capture import list_layers, resolve_layers
+        from xai_sparsity.capturing.hooks import list_layers, resolve_layers
 
         images = torch.as_tensor(images)
         if images.dim() != 4 or images.shape[0] < 1:
@@ -495,7 +470,7 @@ class LayerExplorer(_Widget):
                 f"{shapes}; pass layers= with convolutional layers (see list_layers)"
             )
 
-        from xai_sparsity.attributions import METHODS
+        from xai_sparsity.views.attributions import METHODS
 
         all_methods = list(METHODS)
         chosen = list(methods) if methods is not None else all_methods
@@ -626,11 +601,12 @@ class LayerExplorer(_Widget):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        from xai_sparsity.capture import _eval_mode, capture
+        from xai_sparsity.base.modules import eval_mode
+        from xai_sparsity.capturing.hooks import capture
 
         x = self.inputs[index : index + 1].to(self.device)
         with (
-            _eval_mode(self.model),
+            eval_mode(self.model),
             torch.no_grad(),
             capture(self.model, self._capture_spec, mode="keep", offload=True, clone=True) as cap,
         ):
@@ -662,7 +638,7 @@ class LayerExplorer(_Widget):
         hit = self._correlation.get(layer)
         if hit is not None:
             return hit
-        from xai_sparsity.correlation import CorrelationAccumulator
+        from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
         acc = CorrelationAccumulator(over="positions")
         for i in range(self.inputs.shape[0]):
@@ -673,7 +649,7 @@ class LayerExplorer(_Widget):
 
     def _attribution(self, index: int, method: str, layer: str) -> np.ndarray:
         """(H, W) attribution map of image ``index`` for its target (cached)."""
-        from xai_sparsity.attributions import PIXEL_METHODS, attribute
+        from xai_sparsity.views.attributions import PIXEL_METHODS, attribute
 
         layer_method = method not in PIXEL_METHODS
         key = (index, method, layer if layer_method else "")
@@ -704,7 +680,7 @@ class LayerExplorer(_Widget):
 
     def _layer_changed(self, layer: str) -> set[str]:
         """Fit the channel slider to ``layer``; the panels that depend on the layer."""
-        from xai_sparsity.attributions import PIXEL_METHODS
+        from xai_sparsity.views.attributions import PIXEL_METHODS
 
         channels = int(self._activations(self.state["image"])[layer].shape[1])
         slider = self.controls["channel"]
@@ -744,7 +720,7 @@ class LayerExplorer(_Widget):
         hit = self._sparsity_cache.get(key)
         if hit is not None:
             return hit
-        from xai_sparsity.measures import perplexity_sparsity
+        from xai_sparsity.measuring.measures import perplexity_sparsity
 
         act = self._activations(index)[layer]
         result = (
@@ -812,7 +788,7 @@ class LayerExplorer(_Widget):
         def blend(scene: _Scene, heat: np.ndarray) -> None:
             from matplotlib import colormaps
 
-            up = np.clip(_upsample(heat, (height, width)), 0.0, 1.0)
+            up = np.clip(upsample(heat, (height, width)), 0.0, 1.0)
             colors = colormaps[scene.parts["cmap"]](up)[..., :3]
             grey = self._base(index)[..., None]
             scene.parts["image"].set_data(_HEAT_ALPHA * colors + (1.0 - _HEAT_ALPHA) * grey)
@@ -952,7 +928,8 @@ class LayerExplorer(_Widget):
             r, dead = self._layer_correlation(layer)
             scene.parts["image"].set_data(r)
             title(
-                scene, f"{layer}: mean |r| {_mean_abs_offdiag(r, dead):.2f}, dead {int(dead.sum())}"
+                scene,
+                f"{layer}: mean |r| {correlation_summary(r, dead):.2f}, dead {int(dead.sum())}",
             )
 
         def update_attribution(scene: _Scene) -> None:
@@ -993,7 +970,7 @@ class TrainingMonitor(_Widget):
     Each call receives one history row (a dict with ``epoch``, ``train_loss``, ``test_loss``,
     ``train_acc``, ``test_acc`` and ``sparsity:<layer>`` columns, as in ``history.csv``) and
     redraws, in place, the losses, the accuracies and the per-layer sparsity. An
-    :class:`~xai_sparsity.analysis.EarlyWarning` (label-free: it never reads the test loss) watches
+    :class:`~xai_sparsity.runs.analysis.EarlyWarning` (label-free: it never reads the test loss) watches
     the sparsity columns; when it fires, a banner says so and every panel marks the epoch.
 
     Args:
@@ -1020,7 +997,7 @@ class TrainingMonitor(_Widget):
         title: str | None = None,
     ) -> None:
         w = _ipywidgets()
-        from xai_sparsity.analysis import EarlyWarning
+        from xai_sparsity.runs.analysis import EarlyWarning
 
         if redraw_every < 1:
             raise XaiSparsityError(f"redraw_every={redraw_every!r} must be at least 1")
@@ -1073,7 +1050,7 @@ class TrainingMonitor(_Widget):
         """Feed every row of a finished run (a run directory or a history DataFrame)."""
         import pandas as pd
 
-        from xai_sparsity.rundir import as_run
+        from xai_sparsity.runs.rundir import as_run
 
         df = run if isinstance(run, pd.DataFrame) else as_run(run).history()
         every, self.redraw_every = self.redraw_every, 10**9  # draw once, at the end
@@ -1216,7 +1193,7 @@ class EpochScrubber(_Widget):
 
     def __init__(self, run: Any, layer: str | None = None, *, probes: int = 4) -> None:
         w = _ipywidgets()
-        from xai_sparsity.rundir import as_run
+        from xai_sparsity.runs.rundir import as_run
 
         self.run = as_run(run)
         self.epochs = self.run.array_epochs()
@@ -1301,7 +1278,7 @@ class EpochScrubber(_Widget):
             if not any(c.startswith("sparsity:") for c in self._history.columns):
                 self._heat = False
             else:
-                from xai_sparsity.figures import plot_sparsity_heatmap
+                from xai_sparsity.views.figures import plot_sparsity_heatmap
 
                 plot_sparsity_heatmap(self.run, fig=fig)
                 fig.set_size_inches(6.4, 3.0)
@@ -1394,7 +1371,7 @@ class EpochScrubber(_Widget):
             ax = fig.add_subplot()
             dead = ~np.any(r != 0, axis=1)
             _correlation_image(
-                fig, ax, r, f"{layer}, epoch {epoch}: mean |r| {_mean_abs_offdiag(r, dead):.2f}"
+                fig, ax, r, f"{layer}, epoch {epoch}: mean |r| {correlation_summary(r, dead):.2f}"
             )
             fig.subplots_adjust(left=0.12, right=0.86, bottom=0.13, top=0.9)
 
@@ -1451,7 +1428,7 @@ class RunComparison(_Widget):
         measure: str = "sparsity",
     ) -> None:
         w = _ipywidgets()
-        from xai_sparsity.rundir import as_run
+        from xai_sparsity.runs.rundir import as_run
 
         if isinstance(runs, Mapping):
             paths = dict(runs)
@@ -1513,7 +1490,7 @@ class RunComparison(_Widget):
         """One row per arm: epochs, best test accuracy, minimum test loss, last test loss, t_L."""
         import pandas as pd
 
-        from xai_sparsity.analysis import overfitting_onset
+        from xai_sparsity.runs.analysis import overfitting_onset
 
         rows = []
         for name, df in self.histories.items():
@@ -1545,7 +1522,7 @@ class RunComparison(_Widget):
 
         def paint_curves(fig: Figure) -> None:
             if all(col in df.columns for df in self.histories.values()):
-                from xai_sparsity.figures import plot_regulariser_comparison
+                from xai_sparsity.views.figures import plot_regulariser_comparison
 
                 plot_regulariser_comparison(self.runs, layer=layer, measure=self.measure, fig=fig)
                 return

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
 
 __all__ = [
     "OVER",
@@ -246,7 +246,7 @@ class CorrelationAccumulator:
     summed in float64. ``precision="single"`` keeps a float32 (or float16/bfloat16) input in
     float32 for the shifted values and the per-sample Gram (sums over one map's positions, so
     r is accurate to ~1e-6; the sums over samples stay float64; on CUDA without TF32): about twice
-    as fast, the choice of :func:`~xai_sparsity.sweep.sweep`. ``"double"`` (default) works in float64 throughout.
+    as fast, the choice of :func:`~xai_sparsity.capturing.sweeps.sweep`. ``"double"`` (default) works in float64 throughout.
     Updates run on the tensor's device. Accumulators over parts of the data combine with
     :meth:`merge` (or ``a + b``, ``a += b``) and across processes with :meth:`all_reduce`;
     :meth:`state_dict` is picklable (e.g. to collect results from DataLoader workers).

@@ -5,7 +5,7 @@ computes (one probe forward), :func:`capture` records the outputs of the selecte
 ``with`` block runs.
 
 >>> import torch, torch.nn as nn
->>> from xai_sparsity.capture import capture, list_layers
+>>> from xai_sparsity.capturing.hooks import capture, list_layers
 >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
 >>> x = torch.randn(2, 3, 8, 8)
 >>> list_layers(net, x).names
@@ -23,7 +23,6 @@ Module hooks see modules only: functional calls (``torch.relu(x)``, ``x + y``) a
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import html
 import math
@@ -36,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
+from xai_sparsity.base.modules import eval_mode, model_device, unwrap
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,33 +142,9 @@ def layer_kind(module: nn.Module) -> str:
     return "other"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose submodule names the user sees (strips DataParallel/DDP wrappers)."""
-    if not isinstance(model, nn.Module):
-        raise XaiSparsityError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}"
-        )
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All named submodules of ``model`` (unwrapped), in registration order, root excluded."""
-    return [(n, m) for n, m in _unwrap(model).named_modules() if n]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards, also on error."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return [(n, m) for n, m in unwrap(model).named_modules() if n]
 
 
 # ----------------------------------------------------------------------------- layer discovery
@@ -279,14 +255,6 @@ class LayerTable(Sequence[LayerInfo]):
         return pd.DataFrame([astuple(r) for r in self._rows], columns=cols)
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
 def _call(model: nn.Module, example_input: Any) -> Any:
     """Call the model on a tensor, a tuple/list of positional args or a dict of keyword args."""
     if isinstance(example_input, Tensor):
@@ -320,9 +288,9 @@ def list_layers(model: nn.Module, example_input: Any) -> LayerTable:
     >>> t[0].output_shape, t[0].bytes_per_sample, t[0].inplace_after
     ((8, 8, 8), 2048, True)
     """
-    root = _unwrap(model)
+    root = unwrap(model)
     if isinstance(example_input, Tensor):
-        device = _model_device(root)
+        device = model_device(root)
         if device is not None and example_input.device != device:
             example_input = example_input.to(device)
     named = _named_layers(root)
@@ -362,7 +330,7 @@ def list_layers(model: nn.Module, example_input: Any) -> LayerTable:
         for name, module in named:
             handles.append(module.register_forward_pre_hook(pre_hook(name)))
             handles.append(module.register_forward_hook(fwd_hook(name)))
-        with _eval_mode(root), torch.no_grad():
+        with eval_mode(root), torch.no_grad():
             _call(model, example_input)
     finally:
         for h in handles:
@@ -446,7 +414,7 @@ def resolve_layers(model: nn.Module, spec: LayerSpec = None) -> list[str]:
         names = [n for n, m in named if _is_default_layer(n, m)]
         if not names:
             raise XaiSparsityError(
-                f"{type(_unwrap(model)).__name__} has no convolution or activation modules to "
+                f"{type(unwrap(model)).__name__} has no convolution or activation modules to "
                 f"select by default; pass layers= (names: {[n for n, _ in named][:10]})"
             )
         return names
@@ -474,7 +442,7 @@ def resolve_layers(model: nn.Module, spec: LayerSpec = None) -> list[str]:
                 hint = f"some names: {all_names[:8]}"
             raise XaiSparsityError(
                 f"layer spec {_describe(item)} matches no submodule of "
-                f"{type(_unwrap(model)).__name__}; {hint}"
+                f"{type(unwrap(model)).__name__}; {hint}"
             )
         selected.update(found)
     return [n for n, _ in named if n in selected]
@@ -547,7 +515,7 @@ def _check_measure_options(
                 )
 
 
-def _scope_applies(scope: str, out: Tensor) -> bool:
+def scope_applies(scope: str, out: Tensor) -> bool:
     """Whether ``scope`` gives N >= 2 units for ``out`` (B, C, ...): (B, F) outputs have no
     channel/spatial scope, a 1x1 map no channel scope, a one-channel map no spatial scope."""
     shape = out.shape
@@ -626,7 +594,7 @@ class Capture:
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         if kernel is not None:
-            from xai_sparsity.kernels import KERNELS
+            from xai_sparsity.measuring.engine import KERNELS
 
             check_choice("kernel", kernel, KERNELS)
         self.kernel = kernel
@@ -641,7 +609,7 @@ class Capture:
             check_choice("scope", s, SCOPES)
         options = dict(measure_options or {})
         if mode == "reduce":
-            from xai_sparsity.measures import MEASURES
+            from xai_sparsity.measuring.measures import MEASURES
 
             for m in self.measures:
                 check_choice("measure", m, tuple(MEASURES))
@@ -668,7 +636,7 @@ class Capture:
         self.reduce_fn = reduce_fn
         self.check_finite = bool(check_finite)
         self._model = model
-        self._root = _unwrap(model)
+        self._root = unwrap(model)
         self.layers: list[str] = resolve_layers(self._root, layers)
         self._modules = dict(_named_layers(self._root))
         self._handles: list[Any] = []
@@ -697,7 +665,7 @@ class Capture:
         if self._active:
             raise XaiSparsityError("this Capture is already active; create a new one to nest")
         if self.mode == "reduce" and self.measures:
-            from xai_sparsity.measures import compute_measure
+            from xai_sparsity.measuring.measures import compute_measure
 
             self._measure_fn = compute_measure
         ref = weakref.ref(self)
@@ -793,7 +761,7 @@ class Capture:
         functions."""
         if self.mode != "reduce" or self.differentiable:
             return []
-        from xai_sparsity.measures import TRANSFORMS, VARIANTS
+        from xai_sparsity.measuring.measures import TRANSFORMS, VARIANTS
 
         plan: list[tuple[str, str, str, str]] = []
         for m in self.measures:
@@ -817,7 +785,7 @@ class Capture:
         (``split``) once the pairing was seen in a first forward. Returns {} to fall back to the
         measure functions (non-finite output: the measure functions report it).
         """
-        from xai_sparsity.kernels import layer_and_channel, sums_finite, unit_sums
+        from xai_sparsity.measuring.engine import layer_and_channel, sums_finite, unit_sums
 
         inp = args[0] if args and isinstance(args[0], Tensor) else None
         pos = None
@@ -854,7 +822,7 @@ class Capture:
         values: dict[str, Tensor] = {}
         cache: dict[tuple[str, bool, str], Tensor | None] = {}
         for m, scope, kind, transform in self._fast:
-            if not _scope_applies(scope, out):
+            if not scope_applies(scope, out):
                 continue
             key = (kind, positive or transform == "relu", scope)
             if key not in cache:
@@ -895,7 +863,7 @@ class Capture:
             for m in self.measures:
                 opts = {**self.measure_options.get(m, {}), **extra}
                 for s in self.scopes:
-                    if f"{m}:{s}" in values or not _scope_applies(s, out):
+                    if f"{m}:{s}" in values or not scope_applies(s, out):
                         continue
                     v = self._measure_fn(m, out, s, **opts)
                     values[f"{m}:{s}"] = self._to_host(v)
@@ -1037,7 +1005,7 @@ def capture(
             outputs, ``"channel"`` for 1x1 maps, ``"spatial"`` for one-channel maps).
         offload: move what is kept to the CPU (non-blocking where possible).
         clone: keep a copy of each output, safe against later in-place operations.
-        measures: names from ``xai_sparsity.measures.MEASURES``.
+        measures: names from ``xai_sparsity.measuring.measures.MEASURES``.
         scopes: ``"layer"``, ``"channel"``, ``"spatial"``.
         measure_options: per measure keyword arguments, e.g.
             ``{"perplexity": {"variant": "relative"}}``.
@@ -1053,8 +1021,8 @@ def capture(
         check_finite: reduce mode: raise when a stored measure holds NaN/Inf (checked on first
             access, not in the hook, so the hook never waits for the device).
         kernel: reduce mode on CPU: the perplexity and entropy measures (layer and channel
-            scope) come from one pass of :func:`xai_sparsity.kernels.unit_sums`, with this
-            kernel (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.kernels.get_kernel`).
+            scope) come from one pass of :func:`xai_sparsity.measuring.engine.unit_sums`, with this
+            kernel (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.measuring.engine.get_kernel`).
             A ReLU right after a measured layer is measured from that layer's pass (its output
             is relu of the input), from the second forward on.
 

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base import __version__
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
+from xai_sparsity.base.modules import eval_no_grad, model_device_dtype, unwrap
 
 __all__ = ["SparsityMonitor"]
 
@@ -67,21 +69,6 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return 0
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for p in model.parameters():
-        return p.device, (p.dtype if p.is_floating_point() else None)
-    for b in model.buffers():
-        return b.device, (b.dtype if b.is_floating_point() else None)
-    return torch.device("cpu"), None
 
 
 def _split_item(item: Any) -> tuple[Any, Any]:
@@ -191,16 +178,7 @@ def _expected_input(model: nn.Module) -> str:
     return "an input it accepts (no conv or linear layer found to tell)"
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode and no autograd, each module's own flag restored after."""
-    from xai_sparsity.capture import _eval_mode
-
-    with _eval_mode(model), torch.no_grad():
-        yield
-
-
-def _to_float(v: Any) -> float:
+def as_float(v: Any) -> float:
     if isinstance(v, Tensor):
         return float(v.detach().float().mean().item()) if v.numel() != 1 else float(v.item())
     return float(v)
@@ -219,9 +197,9 @@ _NONNEGATIVE: tuple[type[nn.Module], ...] = (
 
 
 def _select_layers(model: nn.Module, spec: Any) -> list[str]:
-    """``spec`` as :func:`xai_sparsity.capture.resolve_layers`; ``None`` means the activation
+    """``spec`` as :func:`xai_sparsity.capturing.hooks.resolve_layers`; ``None`` means the activation
     modules (as the trainer measures), or conv + activation modules if the model has none."""
-    from xai_sparsity.capture import layer_kind, resolve_layers
+    from xai_sparsity.capturing.hooks import layer_kind, resolve_layers
 
     if spec is None:
         names = [n for n, m in model.named_modules() if n and layer_kind(m) == "activation"]
@@ -238,7 +216,7 @@ def fused_layer_stats(
 ) -> dict[str, Tensor]:
     """All layer-scope measures of one batch, and the channel-scope perplexity, in one pass.
 
-    :func:`xai_sparsity.kernels.layer_stats` (one unit-sums pass of ``a = |x|``, an L2 norm and a
+    :func:`xai_sparsity.measuring.engine.layer_stats` (one unit-sums pass of ``a = |x|``, an L2 norm and a
     zero count); ``nonnegative`` is accepted for compatibility (the pass takes ``|x|`` anyway).
 
     Returns:
@@ -250,7 +228,7 @@ def fused_layer_stats(
     >>> round(s["perplexity"].item(), 5), s["zero_fraction"].item()
     (0.74841, 0.5)
     """
-    from xai_sparsity.kernels import layer_stats
+    from xai_sparsity.measuring.engine import layer_stats
 
     del nonnegative
     return layer_stats(x, hoyer=hoyer, zeros=zeros)
@@ -277,7 +255,7 @@ class _LayerAccumulator:
 
 class _FastCorrelation:
     """Streaming sums for the filter correlation over positions, cheaper than
-    :class:`xai_sparsity.correlation.CorrelationAccumulator.update`: the centred (C, n) samples of a
+    :class:`xai_sparsity.measuring.correlation.CorrelationAccumulator.update`: the centred (C, n) samples of a
     batch are written in one pass and multiplied in the activations' own precision (float32), and
     only the small per-batch results are summed in float64. :meth:`accumulator` hands the sums to a
     ``CorrelationAccumulator`` (its state format), so that r, the dead-channel mask and mean |r| are
@@ -324,7 +302,7 @@ class _FastCorrelation:
         self.n += y2.shape[1]
 
     def accumulator(self) -> Any:
-        from xai_sparsity import correlation
+        from xai_sparsity.measuring import correlation as correlation
 
         assert self.shift is not None and self.low is not None and self.high is not None
         shift = self.shift.double()
@@ -378,7 +356,7 @@ class SparsityMonitor:
         probe: fixed held-out inputs, the same every epoch: a tensor (N, C, H, W), an ``(x, y)``
             pair, a Dataset (items a tensor or ``(x, y)``) or a DataLoader (read once, here).
             Labels are optional (they are stored in ``probe.npz`` for the figures).
-        layers: which layers, as for :func:`xai_sparsity.capture` (default: conv + activation).
+        layers: which layers, as for :func:`xai_sparsity.capturing.hooks` (default: conv + activation).
         out: the run directory to write (created; an existing monitor run is continued).
         every: measure every ``every``-th epoch (``epoch % every == 0``); other epochs write
             nothing.
@@ -395,7 +373,7 @@ class SparsityMonitor:
         device: where the probe runs (default: the device of the model's parameters).
         on_warning: ``on_warning(monitor, epoch, info)`` called once when the early warning
             fires; return True (or set ``monitor.should_stop = True``) to ask the loop to stop.
-        warning: keyword arguments of :class:`xai_sparsity.EarlyWarning` (``layers``, ``alpha``,
+        warning: keyword arguments of :class:`xai_sparsity.runs.EarlyWarning` (``layers``, ``alpha``,
             ``patience``, ``min_rise``, ``warmup``, ``min_layers``), or False to switch it off.
         train_stats_every: if set, track layer-scope perplexity on every k-th training batch
             (in the training forward's own hooks, no extra forward), logged as
@@ -436,7 +414,7 @@ class SparsityMonitor:
         if not isinstance(model, nn.Module):
             raise XaiSparsityError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self._root = _unwrap(model)
+        self._root = unwrap(model)
         measures = (measures,) if isinstance(measures, str) else tuple(measures)
         scopes = (scopes,) if isinstance(scopes, str) else tuple(scopes)
         for m in measures:
@@ -508,7 +486,7 @@ class SparsityMonitor:
             )
         self._early: Any = None
 
-        from xai_sparsity.rundir import RunDir
+        from xai_sparsity.runs.rundir import RunDir
 
         self.out = Path(out)
         run: Any = RunDir(self.out, create=True) if self.rank == 0 else None
@@ -570,7 +548,8 @@ class SparsityMonitor:
         return x
 
     def _target(self) -> tuple[torch.device, torch.dtype | None]:
-        device, dtype = _model_device_dtype(self._root)
+        device, dtype = model_device_dtype(self._root)
+        device = device or torch.device("cpu")
         return (self.device or device), dtype
 
     def _forward(self, x: Tensor) -> None:
@@ -586,7 +565,7 @@ class SparsityMonitor:
             ) from exc
 
     def _discover(self) -> list[str]:
-        from xai_sparsity.capture import capture
+        from xai_sparsity.capturing.hooks import capture
 
         seen: list[str] = []
 
@@ -601,7 +580,7 @@ class SparsityMonitor:
         x = x.to(device)
         with (
             warnings.catch_warnings(),
-            _eval_no_grad(self._root),
+            eval_no_grad(self._root),
             capture(self._root, self._selected, mode="reduce", measures=(), reduce_fn=note) as cap,
         ):
             warnings.simplefilter("ignore")
@@ -626,8 +605,6 @@ class SparsityMonitor:
         return [n for *_, n in sorted(out)]
 
     def _settings(self) -> dict[str, Any]:
-        import xai_sparsity
-
         return {
             "source": "monitor",
             "model": type(self._root).__name__,
@@ -650,7 +627,7 @@ class SparsityMonitor:
             "probe_labels": self.probe_labels is not None,
             "train_stats_every": self.train_stats_every,
             "warning": self._warning_kwargs if self._warning_kwargs is not None else False,
-            "xai_sparsity_version": xai_sparsity.__version__,
+            "xai_sparsity_version": __version__,
         }
 
     def _write_config(self) -> None:
@@ -673,7 +650,7 @@ class SparsityMonitor:
         self._last_epoch = int(df["epoch"].max()) if len(df) else 0
         if self._warning_kwargs is None:
             return
-        from xai_sparsity.analysis import EarlyWarning
+        from xai_sparsity.runs.analysis import EarlyWarning
 
         self._early = EarlyWarning(**self._warning_kwargs)
         for _, r in df.iterrows():
@@ -701,7 +678,7 @@ class SparsityMonitor:
         Args:
             arrays: also compute the npz arrays (channel, spatial, correlation, lifetime).
         """
-        from xai_sparsity.capture import capture
+        from xai_sparsity.capturing.hooks import capture
 
         device, dtype = self._target()
         x_all = self._probe_on(device, dtype)
@@ -716,7 +693,7 @@ class SparsityMonitor:
 
         t0 = time.perf_counter()
         with (
-            _eval_no_grad(self._root),
+            eval_no_grad(self._root),
             capture(
                 self._root, self._selected, mode="reduce", measures=(), reduce_fn=reduce
             ) as cap,
@@ -763,7 +740,7 @@ class SparsityMonitor:
                 acc.channel_sum = ch if acc.channel_sum is None else acc.channel_sum + ch
             k = acc.spatial_images - offset
             if "spatial" in self.scopes and k > 0 and x.shape[1] >= 2:
-                from xai_sparsity.measures import perplexity_sparsity
+                from xai_sparsity.measuring.measures import perplexity_sparsity
 
                 acc.spatial.append(
                     perplexity_sparsity(x[:k], "spatial", check_finite=False).float()
@@ -801,7 +778,7 @@ class SparsityMonitor:
                 scalars[f"dead:{name}"] = int(corr.num_dead)
             lifetime = None
             if acc.unit_means and acc.count >= 2:
-                from xai_sparsity.measures import lifetime_sparsity
+                from xai_sparsity.measuring.measures import lifetime_sparsity
 
                 lifetime = lifetime_sparsity(torch.cat(acc.unit_means), check_finite=False)
                 scalars[f"lifetime:{name}"] = float(lifetime.double().mean())
@@ -892,7 +869,7 @@ class SparsityMonitor:
         row: dict[str, Any] = {"epoch": epoch}
         for key, value in metrics.items():
             if value is not None:
-                row[key] = _to_float(value)
+                row[key] = as_float(value)
         row.update(result["scalars"])
         row.update(extra or {})
         self.run.append_history(row)
@@ -956,7 +933,7 @@ class SparsityMonitor:
             result = {"epochs": epoch, "source": "monitor", "warning_epoch": self.warning_epoch}
             hist = self.run.history()
             if "test_loss" in hist.columns and hist["test_loss"].notna().any():
-                from xai_sparsity.analysis import analyze
+                from xai_sparsity.runs.analysis import analyze
 
                 try:
                     result["analysis"] = analyze(hist).to_dict()
@@ -998,7 +975,7 @@ class SparsityMonitor:
         self.train_stats_every = every
         if self._train_cap is not None:
             return self
-        from xai_sparsity.capture import capture
+        from xai_sparsity.capturing.hooks import capture
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             if module.training and torch.is_grad_enabled():
@@ -1039,7 +1016,7 @@ class SparsityMonitor:
     def _train_reduce(self, name: str, out: Tensor) -> None:
         if not self._train_active or not isinstance(out, Tensor) or not out.is_floating_point():
             return
-        from xai_sparsity.measures import compute_measure
+        from xai_sparsity.measuring.measures import compute_measure
 
         with torch.no_grad():
             v = (

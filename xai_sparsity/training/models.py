@@ -14,7 +14,7 @@ and ``num_classes``. Every ReLU is made non-inplace so that captured activations
 The trainer accepts any ``nn.Module``; these are conveniences.
 
 >>> import torch
->>> from xai_sparsity.models import make_model
+>>> from xai_sparsity.training.models import make_model
 >>> model = make_model("cnn", num_classes=10, in_channels=1, image_size=28)
 >>> model(torch.zeros(2, 1, 28, 28)).shape
 torch.Size([2, 10])
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
 
 MODELS = ("cnn", "resnet18", "vgg11")
 

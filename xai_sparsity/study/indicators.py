@@ -6,7 +6,7 @@ and *fires* at an epoch, or never. Every indicator is causal: at epoch ``t`` it 
 
 Two firing rules:
 
-* ``"rise"``: the harness's early-warning rule (:class:`xai_sparsity.analysis.EarlyWarning`): the
+* ``"rise"``: the harness's early-warning rule (:class:`xai_sparsity.runs.analysis.EarlyWarning`): the
   indicator fires when at least ``min_layers`` of its series show a sustained rise of at least the
   threshold ``min_rise`` above their running minimum. Its run-level *score* is the largest
   threshold at which it still fires (the ``k``-th largest per-series maximum qualifying rise), so
@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xai_sparsity._errors import XaiSparsityError
-from xai_sparsity.analysis import DEFAULT_RULE, EarlyWarning, ema
-from xai_sparsity.rundir import RunDir, as_run
+from xai_sparsity.base.errors import XaiSparsityError
+from xai_sparsity.runs.analysis import DEFAULT_RULE, EarlyWarning, ema
+from xai_sparsity.runs.rundir import RunDir, as_run
 
 RISE_GRID: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
 """Thresholds (``min_rise``) tried for the rise indicators."""
@@ -380,7 +380,7 @@ def evaluate_run(
 
 def get_indicator(name: str) -> Indicator:
     """The indicator called ``name`` (XaiSparsityError listing the valid names otherwise)."""
-    from xai_sparsity._errors import check_choice
+    from xai_sparsity.base.errors import check_choice
 
     check_choice("indicator", name, tuple(INDICATORS))
     return INDICATORS[name]

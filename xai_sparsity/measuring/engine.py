@@ -10,13 +10,13 @@ and, with ``split=True``, the same sums of the positive part relu(x) / m_b (``s_
 
     H = ln S - T / S,        PP = exp(H),        s = (N - PP) / (N - 1)
 
-which is the perplexity of :func:`xai_sparsity.measures.perplexity_sparsity`: H does not depend on
+which is the perplexity of :func:`xai_sparsity.measuring.measures.perplexity_sparsity`: H does not depend on
 the scale, and dividing by m_b first keeps ln a near 0, so H = ln S - T / S does not cancel
 digits for activations of any magnitude (``ln`` is taken of ``max(a, tiny)``: exact zeros add
 ``0 * ln tiny = 0``). Raw sums are ``S * scale`` and ``scale * (T + S ln scale)``.
 
 One ``log`` per element serves the layer and the channel scope, and with ``split`` also a ReLU
-that follows the layer, whose output is relu(x): :func:`~xai_sparsity.capture.capture` uses this
+that follows the layer, whose output is relu(x): :func:`~xai_sparsity.capturing.hooks.capture` uses this
 to measure a conv and its ReLU from one pass.
 
 Two implementations (``kernel``):
@@ -51,8 +51,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from xai_sparsity._errors import XaiSparsityError, check_choice
-from xai_sparsity.measures import _sparsity_from_entropy, _work_dtype
+from xai_sparsity.base.errors import XaiSparsityError, check_choice
+from xai_sparsity.measuring.measures import sparsity_from_entropy, work_dtype
 
 __all__ = [
     "KERNELS",
@@ -196,7 +196,7 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _eager_sums(units: Tensor, split: bool) -> UnitSums:
     """Chunked: |x| -> buffer, sums, / mean, floor, ln -> second buffer, a ln a sums (and relu(x)
     in a third buffer)."""
-    dtype = _work_dtype(units)
+    dtype = work_dtype(units)
     b, c, p = units.shape
     per_sample = max(1, c * p)
     budget = _CHUNK_ELEMENTS // 2 if split else _CHUNK_ELEMENTS  # the buffers stay in L2
@@ -311,11 +311,11 @@ def entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
 def sparsity_from_sums(s: Tensor, t: Tensor, n: int, kind: str = "normalized") -> Tensor:
     """The measure of N units with sums S, T: ``kind`` is a perplexity variant
     (``"normalized"``, ``"relative"``) or ``"entropy"`` (1 - H / ln N). Dead maps give 1
-    (1 - 1/N for ``"relative"``), as in :mod:`xai_sparsity.measures`."""
+    (1 - 1/N for ``"relative"``), as in :mod:`xai_sparsity.measuring.measures`."""
     if n < 2:
         raise XaiSparsityError(f"a sparsity needs N >= 2 units, got N = {n}")
     check_choice("kind", kind, ("normalized", "relative", "entropy"))
-    return _sparsity_from_entropy(entropy_from_sums(s, t), s <= 0, n, kind)
+    return sparsity_from_entropy(entropy_from_sums(s, t), s <= 0, n, kind)
 
 
 def layer_and_channel(
@@ -351,7 +351,7 @@ def layer_stats(
     """Every layer-scope measure of one batch (and the channel-scope perplexity) from one
     :func:`unit_sums` pass plus, on request, an L2 norm and a zero count.
 
-    The definitions of :mod:`xai_sparsity.measures` with their defaults (transform ``"abs"``,
+    The definitions of :mod:`xai_sparsity.measuring.measures` with their defaults (transform ``"abs"``,
     perplexity variant ``"normalized"``, zero tolerance 0; an all-zero map counts as 1 for every
     measure). No autograd.
 
@@ -383,8 +383,8 @@ def layer_stats(
         s, t = sums.s.sum(1), sums.t.sum(1)
         h, dead = entropy_from_sums(s, t), s <= 0
         out: dict[str, Tensor] = {
-            "perplexity": _sparsity_from_entropy(h, dead, n, "normalized").float(),
-            "entropy": _sparsity_from_entropy(h, dead, n, "entropy").float(),
+            "perplexity": sparsity_from_entropy(h, dead, n, "normalized").float(),
+            "entropy": sparsity_from_entropy(h, dead, n, "entropy").float(),
             # per unit: channels, or each feature of (B, F) input
             "unit_sum": (sums.s * sums.scale.view(b, 1)).float()
             if x.dim() >= 3

@@ -122,33 +122,52 @@ def overfitting_onset(
     return Onset(int(ep[i]), bool(turned), rise)
 
 
-class _RiseDetector:
-    """Causal detector of a sustained rise in one series (shared by t_s and the live warning)."""
+class RiseDetector:
+    """Causal detector of a sustained rise in one series: the one rule behind ``t_s``, the live
+    early warning and the study's ``max_qualifying_rise``.
+
+    Values are smoothed by a causal EMA (NaN values are skipped). At an epoch ``>= warmup`` whose
+    last ``patience`` smoothed steps all increased, the rise is the smoothed value minus its
+    running minimum since ``warmup``; the rise is confirmed when it reaches ``min_rise``.
+
+    >>> det = RiseDetector(alpha=1.0, patience=2, min_rise=0.05, warmup=0)
+    >>> [det.update(e, v) for e, v in enumerate([0.5, 0.5, 0.53, 0.57], start=1)]
+    [False, False, False, True]
+    >>> det.confirmed_epoch, det.onset_epoch
+    (4, 2)
+    """
 
     def __init__(self, alpha: float, patience: int, min_rise: float, warmup: int) -> None:
-        self.alpha, self.patience, self.min_rise, self.warmup = alpha, patience, min_rise, warmup
+        self.alpha = _check_alpha(alpha)
+        self.patience, self.min_rise, self.warmup = patience, min_rise, warmup
         self.smoothed: list[float] = []
         self.low = math.inf
         self.low_epoch: int | None = None
         self.confirmed_epoch: int | None = None
         self.onset_epoch: int | None = None
 
-    def update(self, epoch: int, value: float) -> bool:
-        """Add one value; True on the epoch the rise is confirmed."""
+    def rise(self, epoch: int, value: float) -> float | None:
+        """Add one value; the qualifying rise at this epoch, or None where none qualifies (NaN
+        value, before ``warmup``, not rising for ``patience`` steps, or already confirmed)."""
         if math.isnan(value):
-            return False
+            return None
         prev = self.smoothed[-1] if self.smoothed else math.nan
         s = value if math.isnan(prev) else self.alpha * value + (1 - self.alpha) * prev
         self.smoothed.append(s)
         if epoch < self.warmup or self.confirmed_epoch is not None:
-            return False
+            return None
         if s <= self.low:
             self.low, self.low_epoch = s, int(epoch)
         recent = self.smoothed[-(self.patience + 1) :]
         rising = len(recent) == self.patience + 1 and all(
             b > a for a, b in itertools.pairwise(recent)
         )
-        if rising and s - self.low >= self.min_rise:
+        return s - self.low if rising else None
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Add one value; True on the epoch the rise is confirmed."""
+        rise = self.rise(epoch, value)
+        if rise is not None and rise >= self.min_rise:
             self.confirmed_epoch, self.onset_epoch = int(epoch), self.low_epoch
             return True
         return False
@@ -175,7 +194,7 @@ def sustained_rise_onset(
     """
     x = np.asarray(list(series), dtype=float)
     ep = _epochs_of(x, epochs)
-    det = _RiseDetector(_check_alpha(alpha), int(patience), float(min_rise), int(warmup))
+    det = RiseDetector(alpha, int(patience), float(min_rise), int(warmup))
     for e, v in zip(ep, x, strict=True):
         if det.update(int(e), float(v)):
             return det.onset_epoch
@@ -228,7 +247,7 @@ class EarlyWarning:
         self.min_train_acc = min_train_acc
         self.callback = callback
         self.fired_epoch: int | None = None
-        self._detectors: dict[str, _RiseDetector] = {}
+        self._detectors: dict[str, RiseDetector] = {}
 
     @property
     def confirmed(self) -> dict[str, int]:
@@ -256,7 +275,7 @@ class EarlyWarning:
         for name in watched:
             det = self._detectors.get(name)
             if det is None:
-                det = _RiseDetector(self.alpha, self.patience, self.min_rise, self.warmup)
+                det = RiseDetector(self.alpha, self.patience, self.min_rise, self.warmup)
                 self._detectors[name] = det
             det.update(int(epoch), float(sparsity[name]))
         if self.fired:

@@ -22,14 +22,9 @@ fsync'ed and renamed over the target, so a reader never sees a half-written file
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import math
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +33,8 @@ import pandas as pd
 
 from xai_sparsity.base.errors import XaiSparsityError
 from xai_sparsity.base.files import (
-    atomic_open,
     atomic_save_npz,
     atomic_torch_save,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     read_json,

@@ -1,0 +1,38 @@
+"""Run directories (the on-disk format every other layer reads and writes) and their analysis:
+the test-loss turn, sustained sparsity rises and the early-warning rule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from xai_sparsity.base.lazy import lazy_exports
+
+_EXPORTS = {
+    "RunDir": "rundir",
+    "load_history": "rundir",
+    "analyze": "analysis",
+    "Analysis": "analysis",
+    "EarlyWarning": "analysis",
+    "RiseDetector": "analysis",
+    "overfitting_onset": "analysis",
+    "sustained_rise_onset": "analysis",
+    "DEFAULT_RULE": "analysis",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from xai_sparsity.runs.analysis import (
+        DEFAULT_RULE,
+        Analysis,
+        EarlyWarning,
+        RiseDetector,
+        analyze,
+        overfitting_onset,
+        sustained_rise_onset,
+    )
+    from xai_sparsity.runs.rundir import (
+        RunDir,
+        load_history,
+    )

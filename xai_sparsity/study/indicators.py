@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from xai_sparsity.base.errors import XaiSparsityError
-from xai_sparsity.runs.analysis import DEFAULT_RULE, EarlyWarning, ema
+from xai_sparsity.runs.analysis import DEFAULT_RULE, EarlyWarning, RiseDetector
 from xai_sparsity.runs.rundir import RunDir, as_run
 
 RISE_GRID: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
@@ -233,30 +233,22 @@ def max_qualifying_rise(
 ) -> float:
     """The largest ``min_rise`` at which the early-warning rise detector confirms a rise.
 
-    Mirrors ``analysis._RiseDetector``: causal EMA over the non-NaN values; at an epoch
-    ``>= warmup`` whose last ``patience`` smoothed steps all increased, the rise is the smoothed
-    value minus its running minimum since ``warmup``. Returns 0.0 if no epoch qualifies.
+    The rise of :class:`~xai_sparsity.runs.analysis.RiseDetector` (causal EMA over the non-NaN
+    values; at an epoch ``>= warmup`` whose last ``patience`` smoothed steps all increased, the
+    smoothed value minus its running minimum since ``warmup``), maximised over the epochs.
+    Returns 0.0 if no epoch qualifies.
 
     >>> rise = max_qualifying_rise([0.5, 0.5, 0.5, 0.55, 0.6, 0.65, 0.7], range(1, 8), alpha=1.0,
     ...                            warmup=0)
     >>> round(rise, 6)
     0.2
     """
-    v = np.asarray(values, dtype=float)
-    e = np.asarray(epochs)
-    keep = ~np.isnan(v)
-    if not keep.any():
-        return 0.0
-    v, e = v[keep], e[keep]
-    s = ema(v, alpha)
+    detector = RiseDetector(alpha, int(patience), math.inf, int(warmup))
     best = 0.0
-    low = math.inf
-    for i in range(len(s)):
-        if e[i] < warmup:
-            continue
-        low = min(low, s[i])
-        if i >= patience and all(s[j + 1] > s[j] for j in range(i - patience, i)):
-            best = max(best, float(s[i] - low))
+    for e, v in zip(np.asarray(epochs), np.asarray(values, dtype=float), strict=True):
+        rise = detector.rise(int(e), float(v))
+        if rise is not None:
+            best = max(best, float(rise))
     return best
 
 

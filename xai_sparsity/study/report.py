@@ -34,6 +34,7 @@ import pandas as pd
 from xai_sparsity.base.errors import XaiSparsityError
 from xai_sparsity.base.files import atomic_write_text
 from xai_sparsity.runs.rundir import RunDir, as_run
+from xai_sparsity.study.tables import fmt, markdown_table
 
 if TYPE_CHECKING:
     from xai_sparsity.training.trainer import TrainConfig
@@ -55,13 +56,6 @@ DEMO_ARMS = ("baseline", "penalty", "dropout", "batchnorm")
 RunLike = RunDir | str | os.PathLike[str]
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _runs(runs: Mapping[str, RunLike]) -> dict[str, RunDir]:
     if not runs:
         raise XaiSparsityError("a report needs at least one run")
@@ -75,16 +69,6 @@ def _analysis(run: RunDir) -> dict[str, Any]:
         return analyze(run).to_dict()
     except XaiSparsityError as err:
         return {"error": str(err)}
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "–"
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def arm_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
@@ -223,7 +207,7 @@ def _verdicts(arms: pd.DataFrame, sparsity: pd.DataFrame, convs: list[str]) -> l
         else:
             lines.append(
                 f"- The baseline's test loss did NOT turn within {b['epochs']} epochs (rise "
-                f"{_fmt(b['rise'])}); train longer to see overfitting."
+                f"{fmt(b['rise'])}); train longer to see overfitting."
             )
     penalised = [a for a in by.index if a != "baseline" and by.loc[a, "penalty_lambda"]]
     if "baseline" in sparsity.columns and penalised and convs:
@@ -306,15 +290,15 @@ def write_report(
                     f"{r.final_test_acc:.4f}",
                     f"{r.min_test_loss:.3f} ({r.min_loss_epoch})",
                     f"{r.final_test_loss:.3f}",
-                    _fmt(r.t_L),
-                    f"{'yes' if r.turned else 'no'} ({_fmt(r.rise)})",
-                    _fmt(r.warning_epoch),
+                    fmt(r.t_L),
+                    f"{'yes' if r.turned else 'no'} ({fmt(r.rise)})",
+                    fmt(r.warning_epoch),
                     (
                         "λ=" + format(r.penalty_lambda, "g") + " on " + str(r.penalty_layers)
                         if r.penalty_lambda
                         else "–"
                     ),
-                    _fmt(r.seconds, 0),
+                    fmt(r.seconds, 0),
                 ]
                 for r in arms.itertuples()
             ],
@@ -353,7 +337,7 @@ def write_report(
                 [
                     layer + (" (conv)" if layer in convs else ""),
                     *[
-                        _fmt(sparsity.loc[layer, a])
+                        fmt(sparsity.loc[layer, a])
                         if layer in sparsity.index and a in sparsity
                         else "–"
                         for a in arm_names
@@ -389,7 +373,7 @@ def _lead_cell(leads: pd.DataFrame, arm: str, layer: str) -> str:
     if sel.empty:
         return "–"
     t_s, lead = sel["t_s"].iloc[0], sel["lead"].iloc[0]
-    return f"{_fmt(_int_or_none(t_s))} / {_fmt(_int_or_none(lead))}"
+    return f"{fmt(_int_or_none(t_s))} / {fmt(_int_or_none(lead))}"
 
 
 def _int_or_none(v: Any) -> int | None:

@@ -72,6 +72,7 @@ import pandas as pd
 from xai_sparsity.base.errors import XaiSparsityError
 from xai_sparsity.base.files import atomic_open, atomic_write_text
 from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.study.tables import fmt, frame_table
 
 SUMMARY_NAME = "summary.csv"
 """File name of the study summary inside the study folder."""
@@ -780,29 +781,6 @@ def detection_runs(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- report
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.{digits}f}"
-    return str(v)
-
-
-def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub markdown table of ``df`` (numbers rounded to ``digits``)."""
-    if df.empty:
-        return "(no rows)\n"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(str(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per group: runs, share turned, median t_L, mean best and final test accuracy."""
     rows = []
@@ -1011,11 +989,11 @@ def _verdicts(
         out.append(
             f"**Claim 1 (sparsity rises before the test loss turns, usable as a label-free "
             f"indicator): {word}.** The early-warning rule on perplexity sparsity, threshold "
-            f"chosen on the calibration half, reached precision {_fmt(s['precision'])} "
-            f"(base rate {_fmt(s['base_rate'])}), recall {_fmt(s['recall'])}, AUC "
-            f"{_fmt(s['auc'])} on the evaluation half, with median lead "
-            f"{_fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
-            f"{_fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
+            f"chosen on the calibration half, reached precision {fmt(s['precision'])} "
+            f"(base rate {fmt(s['base_rate'])}), recall {fmt(s['recall'])}, AUC "
+            f"{fmt(s['auc'])} on the evaluation half, with median lead "
+            f"{fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
+            f"{fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
             "precision at least 0.15 above the base rate, recall >= 0.5 and median lead >= 0."
         )
         best = by.sort_values("auc", ascending=False)
@@ -1030,13 +1008,13 @@ def _verdicts(
             ]
             out.append(
                 f"Against the trivial baseline (training accuracy reached its threshold; AUC "
-                f"{_fmt(b['auc'])}, precision {_fmt(b['precision'])}, recall {_fmt(b['recall'])}), "
+                f"{fmt(b['auc'])}, precision {fmt(b['precision'])}, recall {fmt(b['recall'])}), "
                 + (
                     f"these indicators ranked runs better (higher AUC): {', '.join(better)}."
                     if better
                     else "no sparsity-based indicator ranked runs better (higher AUC)."
                 )
-                + f" Highest AUC overall: {best.index[0]} ({_fmt(best['auc'].iloc[0])})."
+                + f" Highest AUC overall: {best.index[0]} ({fmt(best['auc'].iloc[0])})."
             )
     if not pairs.empty:
         best_pairs = pairs[pairs["metric"] == "best_test_acc"]
@@ -1049,8 +1027,8 @@ def _verdicts(
             for c in ("baseline", "dropout", "batchnorm")
         )
         parts = [
-            f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {_fmt(sel.loc[c, 't_p'])}, "
-            f"p_sign {_fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
+            f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {fmt(sel.loc[c, 't_p'])}, "
+            f"p_sign {fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
             for c in sel.index
         ]
         n_min = int(best_pairs["n_pairs"].min())
@@ -1060,14 +1038,14 @@ def _verdicts(
             f"{top}, differed in best test accuracy by: {'; '.join(parts)}. Criterion for HELD: "
             "a positive mean paired difference against all three with paired t-test p < 0.05 "
             f"(with {n_min} pairs the two-sided sign test cannot go below "
-            f"{_fmt(min(1.0, 2 * 0.5**n_min))})."
+            f"{fmt(min(1.0, 2 * 0.5**n_min))})."
         )
     if not arms.empty and "baseline" in set(arms["arm"]):
         a = arms.set_index("arm")
         pen = [x for x in a.index if str(x).startswith("penalty")]
         if pen:
-            dens = ", ".join(f"{p}: {_fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
-            corr = ", ".join(f"{p}: {_fmt(a.loc[p, 'final_correlation'])}" for p in pen)
+            dens = ", ".join(f"{p}: {fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
+            corr = ", ".join(f"{p}: {fmt(a.loc[p, 'final_correlation'])}" for p in pen)
             denser = all(
                 a.loc[p, "final_sparsity_deepest"] < a.loc["baseline", "final_sparsity_deepest"]
                 for p in pen
@@ -1079,16 +1057,16 @@ def _verdicts(
                 "**Claim 2 (the penalty makes targeted activations denser): "
                 f"{'HELD' if denser else 'DID NOT HOLD'}.** Final perplexity "
                 f"sparsity of the deepest conv activation (mean over seeds), baseline "
-                f"{_fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}. Criterion: "
+                f"{fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}. Criterion: "
                 "lower than the baseline in every penalty arm."
             )
             out.append(
                 "**Claim 4 (filter correlation, counteracted by the penalty): "
                 f"{'HELD' if decorrelated else 'DID NOT HOLD'}.** Final mean |r| "
-                f"over the conv activations, baseline {_fmt(a.loc['baseline', 'final_correlation'])}"
+                f"over the conv activations, baseline {fmt(a.loc['baseline', 'final_correlation'])}"
                 f" vs {corr} (criterion: lower than the baseline in every penalty arm)"
                 + (
-                    f"; as a detector, filter correlation reached AUC {_fmt(by.loc['correlation', 'auc'])}."
+                    f"; as a detector, filter correlation reached AUC {fmt(by.loc['correlation', 'auc'])}."
                     if "correlation" in by.index
                     else "."
                 )
@@ -1134,7 +1112,7 @@ def build_report(
         f"Generated by `xai-sparsity study-report` from the summary CSV ({n_complete} complete "
         f"runs of {len(df)}; {int(det['turned'].sum())} of the {len(det)} unpenalised runs "
         "overfit, i.e. their smoothed test loss turned). Training time summed over the runs: "
-        f"{_fmt(_total_minutes(df), 0)} min.",
+        f"{fmt(_total_minutes(df), 0)} min.",
         "",
         "### Verdicts",
         "",
@@ -1142,7 +1120,7 @@ def build_report(
         "",
         "### Runs per group",
         "",
-        markdown_table(overview_table(df)),
+        frame_table(overview_table(df)),
         *(
             [
                 "An overfitting run and a negative control (figure 1 of the library: losses, "
@@ -1180,10 +1158,10 @@ def build_report(
             "lead_q75",
             "early_share",
         ]
-        lines += [markdown_table(scores[cols]), ""]
+        lines += [frame_table(scores[cols]), ""]
         lines += [
             "`base_rate` (the precision of a detector that always fires) on the evaluation half: "
-            f"{_fmt(scores['base_rate'].iloc[0])}. `lead` = t_L − firing epoch on the true "
+            f"{fmt(scores['base_rate'].iloc[0])}. `lead` = t_L − firing epoch on the true "
             "positives; `early_share`: share of them fired at or before t_L.",
             "",
         ]
@@ -1194,7 +1172,7 @@ def build_report(
         if name in figs:
             lines += [f"![{title}]({figure_prefix}{name})", ""]
     lines += ["### The penalty claim: test accuracy per arm (penalty groups)", ""]
-    lines += [markdown_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
+    lines += [frame_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
     if "arms.png" in figs:
         lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
     if "regularisers.png" in figs:
@@ -1211,9 +1189,9 @@ def build_report(
                 "",
             ]
     lines += ["Paired differences (same cell and seed), penalty arm minus comparator:", ""]
-    lines += [markdown_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
+    lines += [frame_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
     lines += ["### The lambda curve", ""]
-    lines += [markdown_table(curve, 4) if not curve.empty else "(no lambda sweep)\n", ""]
+    lines += [frame_table(curve, 4) if not curve.empty else "(no lambda sweep)\n", ""]
     if "lambda_curve.png" in figs:
         lines += [f"![Lambda curve]({figure_prefix}lambda_curve.png)", ""]
     lines.append(_GENERATED_END)

@@ -369,26 +369,11 @@ def analyze(
         measure: the column prefix, e.g. "sparsity", "hoyer", "zero_fraction".
         **rule: overrides of ``DEFAULT_RULE``.
     """
-    unknown = sorted(set(rule) - set(DEFAULT_RULE))
-    if unknown:
-        raise XaiSparsityError(
-            f"unknown analysis setting(s) {unknown}; valid settings: {sorted(DEFAULT_RULE)}"
-        )
-    settings = {**DEFAULT_RULE, **rule}
+    settings = _rule_settings(rule)
     df = run if isinstance(run, pd.DataFrame) else as_run(run).history()
     if df.empty:
         raise XaiSparsityError("the run has no history rows to analyse")
-    prefix = f"{measure}:"
-    available = [c[len(prefix) :] for c in df.columns if c.startswith(prefix)]
-    if not available:
-        prefixes = sorted({c.split(":", 1)[0] for c in df.columns if ":" in c})
-        raise XaiSparsityError(
-            f"measure {measure!r} has no columns in this history; measures: {prefixes}"
-        )
-    chosen = list(layers) if layers is not None else available
-    bad = [n for n in chosen if n not in available]
-    if bad:
-        raise XaiSparsityError(f"layer(s) {bad} have no {measure!r} column; layers: {available}")
+    chosen = _measure_layers(df, measure, layers)
     if "test_loss" not in df.columns:
         raise XaiSparsityError("the history has no 'test_loss' column")
     epochs = df["epoch"].astype(int).tolist()
@@ -399,6 +384,7 @@ def analyze(
         min_rel_rise=settings["min_rel_rise"],
         patience=settings["patience"],
     )
+    prefix = f"{measure}:"
     t_s: dict[str, int | None] = {}
     lead: dict[str, int | None] = {}
     for name in chosen:
@@ -412,8 +398,51 @@ def analyze(
         )
         t_s[name] = t
         lead[name] = None if (t is None or onset.t_L is None) else onset.t_L - t
+    return Analysis(
+        t_L=onset.t_L,
+        turned=onset.turned,
+        rise=onset.rise,
+        t_s=t_s,
+        lead=lead,
+        warning_epoch=_warning_epoch(df, prefix, chosen, settings),
+        layers=chosen,
+        measure=measure,
+        settings=settings,
+    )
+
+
+def _rule_settings(rule: Mapping[str, Any]) -> dict[str, Any]:
+    """``DEFAULT_RULE`` with the overrides in ``rule`` (unknown names are an error)."""
+    unknown = sorted(set(rule) - set(DEFAULT_RULE))
+    if unknown:
+        raise XaiSparsityError(
+            f"unknown analysis setting(s) {unknown}; valid settings: {sorted(DEFAULT_RULE)}"
+        )
+    return {**DEFAULT_RULE, **rule}
+
+
+def _measure_layers(df: pd.DataFrame, measure: str, layers: Sequence[str] | None) -> list[str]:
+    """The layers to analyse: ``layers`` (checked) or every ``<measure>:<layer>`` column."""
+    prefix = f"{measure}:"
+    available = [c[len(prefix) :] for c in df.columns if c.startswith(prefix)]
+    if not available:
+        prefixes = sorted({c.split(":", 1)[0] for c in df.columns if ":" in c})
+        raise XaiSparsityError(
+            f"measure {measure!r} has no columns in this history; measures: {prefixes}"
+        )
+    chosen = list(layers) if layers is not None else available
+    bad = [n for n in chosen if n not in available]
+    if bad:
+        raise XaiSparsityError(f"layer(s) {bad} have no {measure!r} column; layers: {available}")
+    return chosen
+
+
+def _warning_epoch(
+    df: pd.DataFrame, prefix: str, layers: list[str], settings: Mapping[str, Any]
+) -> int | None:
+    """The epoch the early warning would have fired, replaying the history row by row."""
     warning = EarlyWarning(
-        chosen,
+        layers,
         alpha=settings["alpha"],
         patience=settings["patience"],
         min_rise=settings["min_rise"],
@@ -422,18 +451,8 @@ def analyze(
         min_train_acc=settings["min_train_acc"],
     )
     train_acc = df["train_acc"].tolist() if "train_acc" in df.columns else [None] * len(df)
-    for i, epoch in enumerate(epochs):
+    for i, epoch in enumerate(df["epoch"].astype(int).tolist()):
         acc = train_acc[i]
         acc = None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else float(acc)
-        warning.update(epoch, {n: float(df[prefix + n].iloc[i]) for n in chosen}, acc)
-    return Analysis(
-        t_L=onset.t_L,
-        turned=onset.turned,
-        rise=onset.rise,
-        t_s=t_s,
-        lead=lead,
-        warning_epoch=warning.fired_epoch,
-        layers=chosen,
-        measure=measure,
-        settings=settings,
-    )
+        warning.update(epoch, {n: float(df[prefix + n].iloc[i]) for n in layers}, acc)
+    return warning.fired_epoch

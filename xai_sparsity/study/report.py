@@ -259,104 +259,16 @@ def write_report(
     sparsity = sparsity_table(rs)
     first = next(iter(rs.values()))
     convs = conv_layers(rs.get("baseline", first))
+    arm_names = list(rs)
     parts = [f"# {title}", ""]
     if intro:
         parts += [intro.strip(), ""]
     parts += ["## Verdicts", "", *_verdicts(arms, sparsity, convs), ""]
-    parts += [
-        "## Arms",
-        "",
-        "t_L: epoch of the smoothed test-loss minimum; turned: the smoothed test loss rose at "
-        "least 5% above it by the end; warning: the epoch the label-free early warning fired "
-        "(it never reads the test loss).",
-        "",
-        markdown_table(
-            [
-                "arm",
-                "best test acc (epoch)",
-                "final test acc",
-                "min test loss (epoch)",
-                "final test loss",
-                "t_L",
-                "turned (rise)",
-                "warning",
-                "penalty",
-                "seconds",
-            ],
-            [
-                [
-                    r.arm,
-                    f"{r.best_test_acc:.4f} ({r.best_acc_epoch})",
-                    f"{r.final_test_acc:.4f}",
-                    f"{r.min_test_loss:.3f} ({r.min_loss_epoch})",
-                    f"{r.final_test_loss:.3f}",
-                    fmt(r.t_L),
-                    f"{'yes' if r.turned else 'no'} ({fmt(r.rise)})",
-                    fmt(r.warning_epoch),
-                    (
-                        "λ=" + format(r.penalty_lambda, "g") + " on " + str(r.penalty_layers)
-                        if r.penalty_lambda
-                        else "–"
-                    ),
-                    fmt(r.seconds, 0),
-                ]
-                for r in arms.itertuples()
-            ],
-        ),
-        "",
-        "## Sparsity lead per layer",
-        "",
-        "t_s: epoch where the layer's smoothed probe sparsity starts a sustained rise; lead = "
-        "t_L - t_s (positive: sparsity rose before the test loss turned). Definitions: "
-        "docs/definitions.md (onset and lead) and docs/science.md (the study of the claims).",
-        "",
-    ]
-    layers = list(dict.fromkeys(leads["layer"])) if len(leads) else []
-    arm_names = list(rs)
-    parts.append(
-        markdown_table(
-            ["layer", *[f"{a}: t_s / lead" for a in arm_names]],
-            [
-                [
-                    layer,
-                    *[_lead_cell(leads, a, layer) for a in arm_names],
-                ]
-                for layer in layers
-            ],
-        )
-    )
-    parts += [
-        "",
-        "## Probe sparsity at the last epoch",
-        "",
-        "Perplexity sparsity (normalized, layer scope), mean over the fixed held-out probe set.",
-        "",
-        markdown_table(
-            ["layer", *arm_names],
-            [
-                [
-                    layer + (" (conv)" if layer in convs else ""),
-                    *[
-                        fmt(sparsity.loc[layer, a])
-                        if layer in sparsity.index and a in sparsity
-                        else "–"
-                        for a in arm_names
-                    ],
-                ]
-                for layer in sparsity.index
-            ],
-        ),
-        "",
-    ]
+    parts += _arms_section(arms)
+    parts += _leads_section(leads, arm_names)
+    parts += _sparsity_section(sparsity, arm_names, convs)
     if figures:
-        figs = _figures(rs, folder / "figures")
-        parts += ["## Figures", ""]
-        for caption, path in figs.get("", []):
-            parts += [f"### {caption}", "", f"![{caption}]({path})", ""]
-        for name in arm_names:
-            parts += [f"### {name}", ""]
-            for caption, path in figs.get(name, []):
-                parts += [f"![{name}: {caption}]({path})", ""]
+        parts += _figures_section(_figures(rs, folder / "figures"), arm_names)
     parts += [
         "## Run directories",
         "",
@@ -366,6 +278,101 @@ def write_report(
     report_path = folder / "report.md"
     atomic_write_text(report_path, "\n".join(parts))
     return report_path
+
+
+def _arms_section(arms: pd.DataFrame) -> list[str]:
+    """The "Arms" section: one table row per arm (see :func:`arm_table`)."""
+    header = [
+        "arm",
+        "best test acc (epoch)",
+        "final test acc",
+        "min test loss (epoch)",
+        "final test loss",
+        "t_L",
+        "turned (rise)",
+        "warning",
+        "penalty",
+        "seconds",
+    ]
+    rows = [
+        [
+            r.arm,
+            f"{r.best_test_acc:.4f} ({r.best_acc_epoch})",
+            f"{r.final_test_acc:.4f}",
+            f"{r.min_test_loss:.3f} ({r.min_loss_epoch})",
+            f"{r.final_test_loss:.3f}",
+            fmt(r.t_L),
+            f"{'yes' if r.turned else 'no'} ({fmt(r.rise)})",
+            fmt(r.warning_epoch),
+            (
+                "λ=" + format(r.penalty_lambda, "g") + " on " + str(r.penalty_layers)
+                if r.penalty_lambda
+                else "–"
+            ),
+            fmt(r.seconds, 0),
+        ]
+        for r in arms.itertuples()
+    ]
+    return [
+        "## Arms",
+        "",
+        "t_L: epoch of the smoothed test-loss minimum; turned: the smoothed test loss rose at "
+        "least 5% above it by the end; warning: the epoch the label-free early warning fired "
+        "(it never reads the test loss).",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
+def _leads_section(leads: pd.DataFrame, arm_names: list[str]) -> list[str]:
+    """The "Sparsity lead per layer" section: t_s / lead per layer and arm."""
+    layers = list(dict.fromkeys(leads["layer"])) if len(leads) else []
+    rows = [[layer, *[_lead_cell(leads, a, layer) for a in arm_names]] for layer in layers]
+    return [
+        "## Sparsity lead per layer",
+        "",
+        "t_s: epoch where the layer's smoothed probe sparsity starts a sustained rise; lead = "
+        "t_L - t_s (positive: sparsity rose before the test loss turned). Definitions: "
+        "docs/definitions.md (onset and lead) and docs/science.md (the study of the claims).",
+        "",
+        markdown_table(["layer", *[f"{a}: t_s / lead" for a in arm_names]], rows),
+    ]
+
+
+def _sparsity_section(sparsity: pd.DataFrame, arm_names: list[str], convs: list[str]) -> list[str]:
+    """The "Probe sparsity at the last epoch" section: per layer and arm."""
+    rows = [
+        [
+            layer + (" (conv)" if layer in convs else ""),
+            *[
+                fmt(sparsity.loc[layer, a]) if layer in sparsity.index and a in sparsity else "–"
+                for a in arm_names
+            ],
+        ]
+        for layer in sparsity.index
+    ]
+    return [
+        "",
+        "## Probe sparsity at the last epoch",
+        "",
+        "Perplexity sparsity (normalized, layer scope), mean over the fixed held-out probe set.",
+        "",
+        markdown_table(["layer", *arm_names], rows),
+        "",
+    ]
+
+
+def _figures_section(figs: Mapping[str, list[tuple[str, str]]], arm_names: list[str]) -> list[str]:
+    """The "Figures" section: the comparison figures, then each arm's."""
+    parts = ["## Figures", ""]
+    for caption, path in figs.get("", []):
+        parts += [f"### {caption}", "", f"![{caption}]({path})", ""]
+    for name in arm_names:
+        parts += [f"### {name}", ""]
+        for caption, path in figs.get(name, []):
+            parts += [f"![{name}: {caption}]({path})", ""]
+    return parts
 
 
 def _lead_cell(leads: pd.DataFrame, arm: str, layer: str) -> str:

@@ -512,98 +512,104 @@ def run_study(
         base / "study.json", json.dumps({"name": study.name, "spec": study.spec}, indent=1)
     )
     runs = _select(study, limit, only)
-    keys = study.setting_keys
-    rows: dict[str, dict[str, Any]] = {}
-    done = {r.run_id for r in runs if (base / r.run_id / "summary.json").exists()}
-    for r in runs:
-        if r.run_id in done:
-            rows[r.run_id] = _row_for(r, base, keys)
-    summary_path = base / SUMMARY_NAME
-
-    def flush() -> pd.DataFrame:
-        return write_summary([rows[r.run_id] for r in runs if r.run_id in rows], summary_path)
-
-    flush()
-    pending = [r for r in runs if r.run_id not in done]
+    ledger = _Ledger(runs, base, study.setting_keys)
+    ledger.flush()
+    pending = [r for r in runs if r.run_id not in ledger.done]
     n_workers = workers if workers is not None else default_workers(len(pending), device)
     if n_workers < 1:
         raise XaiSparsityError(f"workers={n_workers!r} must be >= 1")
-    failed: dict[str, str] = {}
-    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(runs), initial=len(done), desc=study.name, unit="run")
-
-    def record(r: StudyRun, result: dict[str, Any] | None, error: str | None) -> None:
-        row = _base_row(r, keys)
-        if error is None:
-            assert result is not None
-            row.update(result)
-        else:
-            row.update({"status": "failed", "error": error.strip().splitlines()[-1][:300]})
-            failed[r.run_id] = error
-        rows[r.run_id] = row
-        flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(r.run_id[:40], refresh=False)
-
-    def ready(r: StudyRun) -> bool:
-        return r.depends_on is None or r.depends_on in done
-
-    def blocked(r: StudyRun) -> bool:
-        return r.depends_on is not None and r.depends_on in failed
-
-    def base_dir(r: StudyRun) -> str | None:
-        return str(base / r.depends_on) if r.depends_on else None
-
+        ledger.bar = tqdm(total=len(runs), initial=len(ledger.done), desc=study.name, unit="run")
     try:
         if n_workers == 1:
-            queue = list(pending)
-            while queue:
-                nxt = next((q for q in queue if ready(q) or blocked(q)), None)
-                if nxt is None:  # pragma: no cover - dependencies always come first
-                    raise XaiSparsityError("study runs wait on each other")
-                r = nxt
-                queue.remove(r)
-                if blocked(r):
-                    record(r, None, f"its baseline {r.depends_on} failed")
-                    continue
-                try:
-                    _worker_init(max(1, (os.cpu_count() or 1)) if _uses_gpu(device) else 0)
-                    result = _train_one(r, str(base), device, base_dir(r))
-                except Exception:
-                    record(r, None, traceback.format_exc())
-                else:
-                    done.add(r.run_id)
-                    record(r, result, None)
+            _run_serial(pending, ledger, device)
         else:
-            _run_pool(pending, n_workers, base, device, ready, blocked, base_dir, record, done)
+            _run_pool(pending, n_workers, ledger, device)
     finally:
-        if bar is not None:
-            bar.close()
-    table = flush()
-    if failed:
-        first = next(iter(failed.values())).strip().splitlines()[-1]
+        if ledger.bar is not None:
+            ledger.bar.close()
+    table = ledger.flush()
+    if ledger.failed:
+        first = next(iter(ledger.failed.values())).strip().splitlines()[-1]
         raise XaiSparsityError(
-            f"{len(failed)} run(s) failed: {sorted(failed)[:5]}; first error: {first}. "
-            f"The summary of the others is in {str(summary_path)!r}; rerun to retry."
+            f"{len(ledger.failed)} run(s) failed: {sorted(ledger.failed)[:5]}; first error: "
+            f"{first}. The summary of the others is in {str(ledger.path)!r}; rerun to retry."
         )
     return table
 
 
-def _run_pool(
-    pending: list[StudyRun],
-    n_workers: int,
-    base: Path,
-    device: str | None,
-    ready: Any,
-    blocked: Any,
-    base_dir: Any,
-    record: Any,
-    done: set[str],
-) -> None:
+class _Ledger:
+    """The rows of a running study: which runs are done or failed. Every result is written to
+    the summary at once, so an interrupted study resumes where it stopped."""
+
+    def __init__(self, runs: list[StudyRun], base: Path, keys: Sequence[str]) -> None:
+        self.runs, self.base, self.keys = runs, base, keys
+        self.path = base / SUMMARY_NAME
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.done = {r.run_id for r in runs if (base / r.run_id / "summary.json").exists()}
+        for r in runs:
+            if r.run_id in self.done:
+                self.rows[r.run_id] = _row_for(r, base, keys)
+        self.failed: dict[str, str] = {}
+        self.bar: Any = None
+
+    def flush(self) -> pd.DataFrame:
+        """Write the summary of the runs recorded so far."""
+        rows = [self.rows[r.run_id] for r in self.runs if r.run_id in self.rows]
+        return write_summary(rows, self.path)
+
+    def record(self, r: StudyRun, result: dict[str, Any] | None, error: str | None) -> None:
+        """Record a finished run (its result, or the error it failed with)."""
+        row = _base_row(r, self.keys)
+        if error is None:
+            assert result is not None
+            self.done.add(r.run_id)
+            row.update(result)
+        else:
+            row.update({"status": "failed", "error": error.strip().splitlines()[-1][:300]})
+            self.failed[r.run_id] = error
+        self.rows[r.run_id] = row
+        self.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(r.run_id[:40], refresh=False)
+
+    def ready(self, r: StudyRun) -> bool:
+        return r.depends_on is None or r.depends_on in self.done
+
+    def blocked(self, r: StudyRun) -> bool:
+        return r.depends_on is not None and r.depends_on in self.failed
+
+    def base_dir(self, r: StudyRun) -> str | None:
+        """The run directory of the baseline ``r`` depends on, if any."""
+        return str(self.base / r.depends_on) if r.depends_on else None
+
+
+def _run_serial(pending: list[StudyRun], ledger: _Ledger, device: str | None) -> None:
+    """Train the pending runs one after the other in this process."""
+    queue = list(pending)
+    while queue:
+        nxt = next((q for q in queue if ledger.ready(q) or ledger.blocked(q)), None)
+        if nxt is None:  # pragma: no cover - dependencies always come first
+            raise XaiSparsityError("study runs wait on each other")
+        r = nxt
+        queue.remove(r)
+        if ledger.blocked(r):
+            ledger.record(r, None, f"its baseline {r.depends_on} failed")
+            continue
+        try:
+            _worker_init(max(1, (os.cpu_count() or 1)) if _uses_gpu(device) else 0)
+            result = _train_one(r, str(ledger.base), device, ledger.base_dir(r))
+        except Exception:
+            ledger.record(r, None, traceback.format_exc())
+        else:
+            ledger.record(r, result, None)
+
+
+def _run_pool(pending: list[StudyRun], n_workers: int, ledger: _Ledger, device: str | None) -> None:
+    """Train the pending runs in ``n_workers`` processes, each run once its baseline is done."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     queue = list(pending)
@@ -613,14 +619,15 @@ def _run_pool(
         running: dict[cf.Future[dict[str, Any]], StudyRun] = {}
         try:
             while queue or running:
-                for r in [q for q in queue if blocked(q)]:
+                for r in [q for q in queue if ledger.blocked(q)]:
                     queue.remove(r)
-                    record(r, None, f"its baseline {r.depends_on} failed")
-                for r in [q for q in queue if ready(q)]:
+                    ledger.record(r, None, f"its baseline {r.depends_on} failed")
+                for r in [q for q in queue if ledger.ready(q)]:
                     if len(running) >= n_workers:
                         break
                     queue.remove(r)
-                    fut = pool.submit(_train_one, r, str(base), device, base_dir(r))
+                    base_dir = ledger.base_dir(r)
+                    fut = pool.submit(_train_one, r, str(ledger.base), device, base_dir)
                     running[fut] = r
                 if not running:
                     if queue:  # pragma: no cover - dependencies always come first
@@ -632,11 +639,9 @@ def _run_pool(
                     try:
                         result = fut.result()
                     except Exception as err:
-                        tb = "".join(traceback.format_exception(err))
-                        record(r, None, tb)
+                        ledger.record(r, None, "".join(traceback.format_exception(err)))
                     else:
-                        done.add(r.run_id)
-                        record(r, result, None)
+                        ledger.record(r, result, None)
         except BaseException:
             for fut in running:
                 fut.cancel()
@@ -809,6 +814,16 @@ def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _save_png(fig: Any, folder: Path, name: str, dpi: int, made: dict[str, str]) -> None:
+    """Write ``fig`` as ``folder/name`` (atomically), close it and note it in ``made``."""
+    import matplotlib.pyplot as plt
+
+    with atomic_open(folder / name) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    made[name] = name
+
+
 def _figures(
     summary: pd.DataFrame,
     scores: pd.DataFrame,
@@ -819,109 +834,125 @@ def _figures(
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    if not scores.empty:
+        _save_png(_leads_figure(detection_runs(summary), scores), folder, "leads.png", 90, made)
+        _save_png(_precision_recall_figure(scores), folder, "precision_recall.png", 90, made)
+    if not curve.empty:
+        _save_png(_lambda_figure(curve), folder, "lambda_curve.png", 90, made)
+    if not arms.empty:
+        _save_png(_arms_figure(arms), folder, "arms.png", 90, made)
+    return made
+
+
+def _leads_figure(det: pd.DataFrame, scores: pd.DataFrame) -> Any:
+    """Box plots of each indicator's lead on the overfitting runs (calibrated threshold)."""
     import matplotlib.pyplot as plt
 
     from xai_sparsity.study.indicators import leads
 
-    folder.mkdir(parents=True, exist_ok=True)
-    made: dict[str, str] = {}
-    det = detection_runs(summary)
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    data = [
+        leads(det, str(name), float(t))
+        for name, t in zip(scores["indicator"], scores["threshold"], strict=True)
+    ]
+    ax.boxplot(
+        data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True
+    )
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("lead = t_L − firing epoch (epochs; > 0: fired before the turn)")
+    ax.set_title("Lead on overfitting runs (all detection runs, calibrated threshold)")
+    return fig
 
-    def save(fig: Any, name: str) -> None:
-        with atomic_open(folder / name) as fh:
-            fig.savefig(fh, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        made[name] = name
 
-    if not scores.empty:
-        fig, ax = plt.subplots(figsize=(6.0, 3.2))
-        data = [
-            leads(det, str(name), float(t))
-            for name, t in zip(scores["indicator"], scores["threshold"], strict=True)
-        ]
-        ax.boxplot(
-            data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True
+def _precision_recall_figure(scores: pd.DataFrame) -> Any:
+    """Each indicator's precision against its recall, with the base rate."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for name, rec, prec in zip(
+        scores["indicator"], scores["recall"], scores["precision"], strict=True
+    ):
+        ax.scatter(float(rec), float(prec), s=30)
+        ax.annotate(
+            str(name),
+            (float(rec), float(prec)),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
         )
-        ax.axvline(0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel("lead = t_L − firing epoch (epochs; > 0: fired before the turn)")
-        ax.set_title("Lead on overfitting runs (all detection runs, calibrated threshold)")
-        save(fig, "leads.png")
+    base = float(scores["base_rate"].iloc[0])
+    ax.axhline(base, color="k", lw=0.8, ls="--", label=f"base rate {base:.2f}")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("recall (evaluation half)")
+    ax.set_ylabel("precision (evaluation half)")
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
 
-        fig, ax = plt.subplots(figsize=(4.6, 3.6))
-        for name, rec, prec in zip(
-            scores["indicator"], scores["recall"], scores["precision"], strict=True
-        ):
-            ax.scatter(float(rec), float(prec), s=30)
-            ax.annotate(
-                str(name),
-                (float(rec), float(prec)),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        base = float(scores["base_rate"].iloc[0])
-        ax.axhline(base, color="k", lw=0.8, ls="--", label=f"base rate {base:.2f}")
-        ax.set_xlim(-0.05, 1.05)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("recall (evaluation half)")
-        ax.set_ylabel("precision (evaluation half)")
-        ax.legend(fontsize=7, loc="lower left")
-        save(fig, "precision_recall.png")
 
-    if not curve.empty:
-        fig, ax = plt.subplots(figsize=(5.0, 3.2))
-        for t, sel in curve.groupby("targeting"):
-            x = sel["lambda"].to_numpy(dtype=float)
-            xs = np.where(x == 0, min(x[x > 0].min() / 3, 0.01) if (x > 0).any() else 0.01, x)
-            ax.errorbar(
-                xs,
-                sel["best_acc_mean"],
-                yerr=sel["best_acc_std"].fillna(0),
-                marker="o",
-                capsize=3,
-                label=f"{t}: best",
-            )
-            ax.errorbar(
-                xs,
-                sel["final_acc_mean"],
-                yerr=sel["final_acc_std"].fillna(0),
-                marker="s",
-                ls="--",
-                capsize=3,
-                label=f"{t}: final",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("lambda (leftmost point: baseline, lambda 0)")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
-        save(fig, "lambda_curve.png")
+def _lambda_figure(curve: pd.DataFrame) -> Any:
+    """Best and final test accuracy against the penalty's lambda, per targeting."""
+    import matplotlib.pyplot as plt
 
-    if not arms.empty:
-        fig, ax = plt.subplots(figsize=(6.0, 3.2))
-        x = np.arange(len(arms))
-        ax.bar(
-            x - 0.2,
-            arms["best_acc_mean"],
-            0.4,
-            yerr=arms["best_acc_std"].fillna(0),
-            label="best",
-            capsize=2,
+    fig, ax = plt.subplots(figsize=(5.0, 3.2))
+    for t, sel in curve.groupby("targeting"):
+        x = sel["lambda"].to_numpy(dtype=float)
+        xs = np.where(x == 0, min(x[x > 0].min() / 3, 0.01) if (x > 0).any() else 0.01, x)
+        ax.errorbar(
+            xs,
+            sel["best_acc_mean"],
+            yerr=sel["best_acc_std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=f"{t}: best",
         )
-        ax.bar(
-            x + 0.2,
-            arms["final_acc_mean"],
-            0.4,
-            yerr=arms["final_acc_std"].fillna(0),
-            label="final",
-            capsize=2,
+        ax.errorbar(
+            xs,
+            sel["final_acc_mean"],
+            yerr=sel["final_acc_std"].fillna(0),
+            marker="s",
+            ls="--",
+            capsize=3,
+            label=f"{t}: final",
         )
-        ax.set_xticks(x, list(arms["arm"]), rotation=35, ha="right", fontsize=7)
-        lo = float(np.nanmin(arms[["best_acc_mean", "final_acc_mean"]].to_numpy())) - 0.05
-        ax.set_ylim(max(0.0, lo), 1.0)
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
-        save(fig, "arms.png")
-    return made
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda (leftmost point: baseline, lambda 0)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _arms_figure(arms: pd.DataFrame) -> Any:
+    """Best and final test accuracy per arm (mean and std over seeds)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    x = np.arange(len(arms))
+    ax.bar(
+        x - 0.2,
+        arms["best_acc_mean"],
+        0.4,
+        yerr=arms["best_acc_std"].fillna(0),
+        label="best",
+        capsize=2,
+    )
+    ax.bar(
+        x + 0.2,
+        arms["final_acc_mean"],
+        0.4,
+        yerr=arms["final_acc_std"].fillna(0),
+        label="final",
+        capsize=2,
+    )
+    ax.set_xticks(x, list(arms["arm"]), rotation=35, ha="right", fontsize=7)
+    lo = float(np.nanmin(arms[["best_acc_mean", "final_acc_mean"]].to_numpy())) - 0.05
+    ax.set_ylim(max(0.0, lo), 1.0)
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[str, str]:
@@ -930,7 +961,6 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
     from xai_sparsity.views.figures import plot_loss_and_sparsity, plot_regulariser_comparison
 
@@ -939,19 +969,14 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
     df = detection_runs(summary)
     df = df[[(runs_dir / str(r) / "history.csv").exists() for r in df["run_id"]]]
 
-    def save(fig: Any, name: str) -> None:
-        with atomic_open(folder / name) as fh:
-            fig.savefig(fh, format="png", dpi=70, bbox_inches="tight")
-        plt.close(fig)
-        made[name] = name
-
     examples = {
         "example_overfit.png": df[df["turned"] & (df["arm"] == "baseline")],
         "example_control.png": df[~df["turned"] & (df["arm"] != "baseline")],
     }
     for name, sel in examples.items():
         if len(sel):
-            save(plot_loss_and_sparsity(runs_dir / str(sel["run_id"].iloc[0])), name)
+            fig = plot_loss_and_sparsity(runs_dir / str(sel["run_id"].iloc[0]))
+            _save_png(fig, folder, name, 70, made)
     pen = _role(summary, "penalty")
     if len(pen):
         seed = int(pen["seed"].min())
@@ -967,110 +992,126 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
 
             first_run = RunDir(next(iter(runs.values())))
             deepest = feature_layers(first_run.history())[-1]
-            save(plot_regulariser_comparison(runs, layer=deepest), "regularisers.png")
+            fig = plot_regulariser_comparison(runs, layer=deepest)
+            _save_png(fig, folder, "regularisers.png", 70, made)
     return made
 
 
 def _verdicts(
     scores: pd.DataFrame, pairs: pd.DataFrame, arms: pd.DataFrame, det: pd.DataFrame
 ) -> list[str]:
-    out: list[str] = []
     by = scores.set_index("indicator") if not scores.empty else pd.DataFrame()
+    out: list[str] = []
     if "ew_perplexity" in by.index:
-        s = by.loc["ew_perplexity"]
-        controls = det[~det["turned"]]
-        fired_controls = (
-            controls["fire:ew_perplexity"].notna().mean() if len(controls) else math.nan
-        )
-        lift = s["precision"] - s["base_rate"]
-        held = lift >= 0.15 and s["recall"] >= 0.5 and s["lead_median"] >= 0
-        partly = (not held) and (s["auc"] >= 0.65 or lift >= 0.1)
-        word = "HELD" if held else ("PARTLY HELD" if partly else "DID NOT HOLD")
-        out.append(
-            f"**Claim 1 (sparsity rises before the test loss turns, usable as a label-free "
-            f"indicator): {word}.** The early-warning rule on perplexity sparsity, threshold "
-            f"chosen on the calibration half, reached precision {fmt(s['precision'])} "
-            f"(base rate {fmt(s['base_rate'])}), recall {fmt(s['recall'])}, AUC "
-            f"{fmt(s['auc'])} on the evaluation half, with median lead "
-            f"{fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
-            f"{fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
-            "precision at least 0.15 above the base rate, recall >= 0.5 and median lead >= 0."
-        )
-        best = by.sort_values("auc", ascending=False)
-        if "train_acc" in by.index:
-            b = by.loc["train_acc"]
-            better = [
-                n
-                for n in by.index
-                if n != "train_acc"
-                and not math.isnan(by.loc[n, "auc"])
-                and by.loc[n, "auc"] > b["auc"]
-            ]
-            out.append(
-                f"Against the trivial baseline (training accuracy reached its threshold; AUC "
-                f"{fmt(b['auc'])}, precision {fmt(b['precision'])}, recall {fmt(b['recall'])}), "
-                + (
-                    f"these indicators ranked runs better (higher AUC): {', '.join(better)}."
-                    if better
-                    else "no sparsity-based indicator ranked runs better (higher AUC)."
-                )
-                + f" Highest AUC overall: {best.index[0]} ({fmt(best['auc'].iloc[0])})."
-            )
+        out += _claim1_verdicts(by, det)
     if not pairs.empty:
-        best_pairs = pairs[pairs["metric"] == "best_test_acc"]
-        mean_by_arm = best_pairs.groupby("arm")["mean_diff"].mean()
-        top = str(mean_by_arm.idxmax())
-        sel = best_pairs[best_pairs["arm"] == top].set_index("against")
-        by_comp: dict[Any, dict[Any, Any]] = sel.to_dict("index")
-        wins_all = all(
-            c in by_comp and by_comp[c]["mean_diff"] > 0 and by_comp[c]["t_p"] < 0.05
-            for c in ("baseline", "dropout", "batchnorm")
-        )
-        parts = [
-            f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {fmt(sel.loc[c, 't_p'])}, "
-            f"p_sign {fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
-            for c in sel.index
-        ]
-        n_min = int(best_pairs["n_pairs"].min())
-        out.append(
-            f"**Claim 3 (the targeted penalty beats dropout and batch norm): "
-            f"{'HELD' if wins_all else 'DID NOT HOLD'}.** The best penalty arm on average, "
-            f"{top}, differed in best test accuracy by: {'; '.join(parts)}. Criterion for HELD: "
-            "a positive mean paired difference against all three with paired t-test p < 0.05 "
-            f"(with {n_min} pairs the two-sided sign test cannot go below "
-            f"{fmt(min(1.0, 2 * 0.5**n_min))})."
-        )
+        out.append(_claim3_verdict(pairs))
     if not arms.empty and "baseline" in set(arms["arm"]):
-        a = arms.set_index("arm")
-        pen = [x for x in a.index if str(x).startswith("penalty")]
-        if pen:
-            dens = ", ".join(f"{p}: {fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
-            corr = ", ".join(f"{p}: {fmt(a.loc[p, 'final_correlation'])}" for p in pen)
-            denser = all(
-                a.loc[p, "final_sparsity_deepest"] < a.loc["baseline", "final_sparsity_deepest"]
-                for p in pen
+        out += _claim2_and_4_verdicts(arms, by)
+    return out
+
+
+def _claim1_verdicts(by: pd.DataFrame, det: pd.DataFrame) -> list[str]:
+    """Claim 1 (the early warning as a detector) and the comparison with training accuracy."""
+    out: list[str] = []
+    s = by.loc["ew_perplexity"]
+    controls = det[~det["turned"]]
+    fired_controls = controls["fire:ew_perplexity"].notna().mean() if len(controls) else math.nan
+    lift = s["precision"] - s["base_rate"]
+    held = lift >= 0.15 and s["recall"] >= 0.5 and s["lead_median"] >= 0
+    partly = (not held) and (s["auc"] >= 0.65 or lift >= 0.1)
+    word = "HELD" if held else ("PARTLY HELD" if partly else "DID NOT HOLD")
+    out.append(
+        f"**Claim 1 (sparsity rises before the test loss turns, usable as a label-free "
+        f"indicator): {word}.** The early-warning rule on perplexity sparsity, threshold "
+        f"chosen on the calibration half, reached precision {fmt(s['precision'])} "
+        f"(base rate {fmt(s['base_rate'])}), recall {fmt(s['recall'])}, AUC "
+        f"{fmt(s['auc'])} on the evaluation half, with median lead "
+        f"{fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
+        f"{fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
+        "precision at least 0.15 above the base rate, recall >= 0.5 and median lead >= 0."
+    )
+    best = by.sort_values("auc", ascending=False)
+    if "train_acc" in by.index:
+        b = by.loc["train_acc"]
+        better = [
+            n
+            for n in by.index
+            if n != "train_acc" and not math.isnan(by.loc[n, "auc"]) and by.loc[n, "auc"] > b["auc"]
+        ]
+        out.append(
+            f"Against the trivial baseline (training accuracy reached its threshold; AUC "
+            f"{fmt(b['auc'])}, precision {fmt(b['precision'])}, recall {fmt(b['recall'])}), "
+            + (
+                f"these indicators ranked runs better (higher AUC): {', '.join(better)}."
+                if better
+                else "no sparsity-based indicator ranked runs better (higher AUC)."
             )
-            decorrelated = all(
-                a.loc[p, "final_correlation"] < a.loc["baseline", "final_correlation"] for p in pen
+            + f" Highest AUC overall: {best.index[0]} ({fmt(best['auc'].iloc[0])})."
+        )
+    return out
+
+
+def _claim3_verdict(pairs: pd.DataFrame) -> str:
+    """Claim 3: the best penalty arm against dropout, batch norm and the baseline."""
+    best_pairs = pairs[pairs["metric"] == "best_test_acc"]
+    mean_by_arm = best_pairs.groupby("arm")["mean_diff"].mean()
+    top = str(mean_by_arm.idxmax())
+    sel = best_pairs[best_pairs["arm"] == top].set_index("against")
+    by_comp: dict[Any, dict[Any, Any]] = sel.to_dict("index")
+    wins_all = all(
+        c in by_comp and by_comp[c]["mean_diff"] > 0 and by_comp[c]["t_p"] < 0.05
+        for c in ("baseline", "dropout", "batchnorm")
+    )
+    parts = [
+        f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {fmt(sel.loc[c, 't_p'])}, "
+        f"p_sign {fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
+        for c in sel.index
+    ]
+    n_min = int(best_pairs["n_pairs"].min())
+    return (
+        f"**Claim 3 (the targeted penalty beats dropout and batch norm): "
+        f"{'HELD' if wins_all else 'DID NOT HOLD'}.** The best penalty arm on average, "
+        f"{top}, differed in best test accuracy by: {'; '.join(parts)}. Criterion for HELD: "
+        "a positive mean paired difference against all three with paired t-test p < 0.05 "
+        f"(with {n_min} pairs the two-sided sign test cannot go below "
+        f"{fmt(min(1.0, 2 * 0.5**n_min))})."
+    )
+
+
+def _claim2_and_4_verdicts(arms: pd.DataFrame, by: pd.DataFrame) -> list[str]:
+    """Claims 2 and 4: the penalty arms' final sparsity and filter correlation."""
+    out: list[str] = []
+    a = arms.set_index("arm")
+    pen = [x for x in a.index if str(x).startswith("penalty")]
+    if pen:
+        dens = ", ".join(f"{p}: {fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
+        corr = ", ".join(f"{p}: {fmt(a.loc[p, 'final_correlation'])}" for p in pen)
+        denser = all(
+            a.loc[p, "final_sparsity_deepest"] < a.loc["baseline", "final_sparsity_deepest"]
+            for p in pen
+        )
+        decorrelated = all(
+            a.loc[p, "final_correlation"] < a.loc["baseline", "final_correlation"] for p in pen
+        )
+        out.append(
+            "**Claim 2 (the penalty makes targeted activations denser): "
+            f"{'HELD' if denser else 'DID NOT HOLD'}.** Final perplexity "
+            f"sparsity of the deepest conv activation (mean over seeds), baseline "
+            f"{fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}. Criterion: "
+            "lower than the baseline in every penalty arm."
+        )
+        out.append(
+            "**Claim 4 (filter correlation, counteracted by the penalty): "
+            f"{'HELD' if decorrelated else 'DID NOT HOLD'}.** Final mean |r| "
+            f"over the conv activations, baseline {fmt(a.loc['baseline', 'final_correlation'])}"
+            f" vs {corr} (criterion: lower than the baseline in every penalty arm)"
+            + (
+                f"; as a detector, filter correlation reached AUC {fmt(by.loc['correlation', 'auc'])}."
+                if "correlation" in by.index
+                else "."
             )
-            out.append(
-                "**Claim 2 (the penalty makes targeted activations denser): "
-                f"{'HELD' if denser else 'DID NOT HOLD'}.** Final perplexity "
-                f"sparsity of the deepest conv activation (mean over seeds), baseline "
-                f"{fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}. Criterion: "
-                "lower than the baseline in every penalty arm."
-            )
-            out.append(
-                "**Claim 4 (filter correlation, counteracted by the penalty): "
-                f"{'HELD' if decorrelated else 'DID NOT HOLD'}.** Final mean |r| "
-                f"over the conv activations, baseline {fmt(a.loc['baseline', 'final_correlation'])}"
-                f" vs {corr} (criterion: lower than the baseline in every penalty arm)"
-                + (
-                    f"; as a detector, filter correlation reached AUC {fmt(by.loc['correlation', 'auc'])}."
-                    if "correlation" in by.index
-                    else "."
-                )
-            )
+        )
     return out
 
 
@@ -1105,10 +1146,29 @@ def build_report(
     figs = _figures(df, scores, curve, arms, Path(figures_dir)) if figures_dir else {}
     if figures_dir and runs_dir is not None:
         figs.update(_run_figures(df, Path(runs_dir), Path(figures_dir)))
-    n_complete = int((df["status"] == "complete").sum()) if "status" in df.columns else len(df)
     lines = [
         _GENERATED_BEGIN,
         "",
+        *_report_intro(df, det, scores, pairs, arms, figs, figure_prefix),
+        *_detector_section(scores, figs, figure_prefix),
+        *_penalty_section(df, arms, pairs, curve, figs, figure_prefix),
+        _GENERATED_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _report_intro(
+    df: pd.DataFrame,
+    det: pd.DataFrame,
+    scores: pd.DataFrame,
+    pairs: pd.DataFrame,
+    arms: pd.DataFrame,
+    figs: Mapping[str, str],
+    figure_prefix: str,
+) -> list[str]:
+    """The report's opening: run counts, the verdicts, runs per group and example runs."""
+    n_complete = int((df["status"] == "complete").sum()) if "status" in df.columns else len(df)
+    return [
         f"Generated by `xai-sparsity study-report` from the summary CSV ({n_complete} complete "
         f"runs of {len(df)}; {int(det['turned'].sum())} of the {len(det)} unpenalised runs "
         "overfit, i.e. their smoothed test loss turned). Training time summed over the runs: "
@@ -1136,6 +1196,14 @@ def build_report(
             if "example_overfit.png" in figs or "example_control.png" in figs
             else []
         ),
+    ]
+
+
+def _detector_section(
+    scores: pd.DataFrame, figs: Mapping[str, str], figure_prefix: str
+) -> list[str]:
+    """The indicators scored as detectors: the table, the base rate and the lead figures."""
+    lines = [
         "### Indicators as detectors (evaluation half; thresholds from the calibration half)",
         "",
     ]
@@ -1171,7 +1239,19 @@ def build_report(
     ):
         if name in figs:
             lines += [f"![{title}]({figure_prefix}{name})", ""]
-    lines += ["### The penalty claim: test accuracy per arm (penalty groups)", ""]
+    return lines
+
+
+def _penalty_section(
+    df: pd.DataFrame,
+    arms: pd.DataFrame,
+    pairs: pd.DataFrame,
+    curve: pd.DataFrame,
+    figs: Mapping[str, str],
+    figure_prefix: str,
+) -> list[str]:
+    """The penalty claim: accuracy per arm, automatic targeting, paired differences, lambda."""
+    lines = ["### The penalty claim: test accuracy per arm (penalty groups)", ""]
     lines += [frame_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
     if "arms.png" in figs:
         lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
@@ -1194,8 +1274,7 @@ def build_report(
     lines += [frame_table(curve, 4) if not curve.empty else "(no lambda sweep)\n", ""]
     if "lambda_curve.png" in figs:
         lines += [f"![Lambda curve]({figure_prefix}lambda_curve.png)", ""]
-    lines.append(_GENERATED_END)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def report(

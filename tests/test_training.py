@@ -19,10 +19,10 @@ from xai_sparsity.measuring.measures import compute_measure, lifetime_sparsity
 from xai_sparsity.runs.rundir import RunDir
 from xai_sparsity.training.data import load_data
 from xai_sparsity.training.models import make_model
+from xai_sparsity.training.probe import ProbeReducer, ProbeSettings
 from xai_sparsity.training.trainer import (
     StopTraining,
     TrainConfig,
-    _ProbeReducer,
     arm_config,
     probe_statistics,
     run_experiment,
@@ -314,16 +314,28 @@ def test_probe_reducer_matches_measures() -> None:
     x = torch.relu(torch.randn(12, 5, 6, 7))
     x[0] = 0
     x[1, :2] = 0
-    red = _ProbeReducer(full=True, channel=True, correlation=False)
+    red = ProbeReducer(ProbeSettings(spatial_images=4), arrays=True)
     red("a", x[:7])
+    red.offset = 7
     red("a", x[7:])
-    res = red.results()["a"]
-    for measure in ("perplexity", "zero_fraction", "hoyer", "entropy"):
-        ref = compute_measure(measure, x, "layer").double()
-        torch.testing.assert_close(res[measure].double(), ref, atol=1e-5, rtol=0)
-    ref_c = compute_measure("perplexity", x, "channel").double()
-    torch.testing.assert_close(res["channel"].double(), ref_c, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lifetime_sparsity(res["pooled"]), lifetime_sparsity(x))
+    res = red.result(["a"])
+    for measure, column in (
+        ("perplexity", "sparsity"),
+        ("zero_fraction", "zero_fraction"),
+        ("hoyer", "hoyer"),
+        ("entropy", "entropy"),
+    ):
+        ref = float(compute_measure(measure, x, "layer").double().mean())
+        assert res["scalars"][f"{column}:a"] == pytest.approx(ref, abs=1e-6)
+    ref_l = compute_measure("perplexity", x, "layer").double().numpy()
+    np.testing.assert_allclose(res["arrays"]["layer:a"], ref_l, atol=1e-5)
+    ref_c = compute_measure("perplexity", x, "channel").double().mean(0).numpy()
+    np.testing.assert_allclose(res["arrays"]["channel:a"], ref_c, atol=1e-5)
+    ref_s = compute_measure("perplexity", x[:4], "spatial").numpy()
+    np.testing.assert_allclose(res["arrays"]["spatial:a"], ref_s, atol=1e-5)
+    life = lifetime_sparsity(x).numpy()
+    np.testing.assert_allclose(res["arrays"]["lifetime:a"], life, atol=1e-6)
+    assert res["scalars"]["lifetime:a"] == pytest.approx(float(life.mean()), abs=1e-6)
 
 
 def test_probe_statistics_restore_mode_and_names_reused_modules() -> None:

@@ -41,19 +41,14 @@ from torch import Tensor, nn
 from xai_sparsity.base import __version__
 from xai_sparsity.base.errors import XaiSparsityError, check_choice
 from xai_sparsity.base.modules import eval_no_grad, model_device_dtype, unwrap
+from xai_sparsity.training.probe import MEASURES, SCOPES, ProbeSettings, order_layers, probe_pass
 
 __all__ = ["SparsityMonitor"]
 
-MONITOR_MEASURES: tuple[str, ...] = ("perplexity", "zero_fraction", "hoyer", "entropy")
+MONITOR_MEASURES: tuple[str, ...] = MEASURES
 """Measures the monitor can log; ``perplexity`` is always required (the ``sparsity:`` column)."""
 
-MONITOR_SCOPES: tuple[str, ...] = ("layer", "channel", "spatial")
-
-_COLUMN_OF = {
-    "zero_fraction": "zero_fraction",
-    "hoyer": "hoyer",
-    "entropy": "entropy",
-}
+MONITOR_SCOPES: tuple[str, ...] = SCOPES
 
 ProbeLike = Any
 """A tensor (N, C, H, W), a ``(x, y)`` pair of tensors, a Dataset or a DataLoader."""
@@ -184,18 +179,6 @@ def as_float(v: Any) -> float:
     return float(v)
 
 
-_NONNEGATIVE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Sigmoid,
-    nn.Softplus,
-    nn.Softmax,
-    nn.Softmax2d,
-    nn.Hardsigmoid,
-)
-"""Modules whose output is never negative: the ``abs`` transform is the identity on them."""
-
-
 def _select_layers(model: nn.Module, spec: Any) -> list[str]:
     """``spec`` as :func:`xai_sparsity.capturing.hooks.resolve_layers`; ``None`` means the activation
     modules (as the trainer measures), or conv + activation modules if the model has none."""
@@ -206,6 +189,67 @@ def _select_layers(model: nn.Module, spec: Any) -> list[str]:
         if names:
             return names
     return resolve_layers(model, spec)
+
+
+def _checked_measures_and_scopes(
+    measures: Sequence[str] | str, scopes: Sequence[str] | str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    measures = (measures,) if isinstance(measures, str) else tuple(measures)
+    scopes = (scopes,) if isinstance(scopes, str) else tuple(scopes)
+    for m in measures:
+        check_choice("measure", m, MONITOR_MEASURES)
+    for s in scopes:
+        check_choice("scope", s, MONITOR_SCOPES)
+    if "perplexity" not in measures:
+        raise XaiSparsityError(
+            f"measures={measures!r} must include 'perplexity' (it fills the sparsity:<layer> "
+            f"columns that the analysis reads)"
+        )
+    return measures, scopes
+
+
+def _check_counts(**values: Any) -> None:
+    """Integer settings: ``batch_size`` and ``every`` >= 1, the others >= 0."""
+    for name, value in values.items():
+        low = 1 if name in ("every", "batch_size") else 0
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise XaiSparsityError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _check_callbacks(train_stats_every: Any, on_warning: Any) -> None:
+    if train_stats_every is not None and (
+        not isinstance(train_stats_every, int) or train_stats_every < 1
+    ):
+        raise XaiSparsityError(
+            f"train_stats_every={train_stats_every!r} must be None or an integer >= 1"
+        )
+    if on_warning is not None and not callable(on_warning):
+        raise XaiSparsityError(
+            f"on_warning must be callable(monitor, epoch, info), got {on_warning!r}"
+        )
+
+
+def _warning_settings(warning: Any) -> dict[str, Any] | None:
+    """EarlyWarning keyword arguments from ``warning=`` (None: switched off)."""
+    if warning is False:
+        return None
+    if warning is None or warning is True:
+        return {}
+    if isinstance(warning, Mapping):
+        return dict(warning)
+    raise XaiSparsityError(
+        f"warning must be a dict of EarlyWarning settings, True/None or False; got {warning!r}"
+    )
+
+
+def _tensorboard_writer(target: Any) -> Any:
+    from xai_sparsity.training.tensorboard_writer import TensorBoardWriter
+
+    if not (hasattr(target, "add_scalar") or isinstance(target, (str, os.PathLike))):
+        raise XaiSparsityError(
+            f"log_to_tensorboard must be a SummaryWriter or a folder, got {type(target).__name__}"
+        )
+    return TensorBoardWriter(target)
 
 
 # ----------------------------------------------------------------------------- fused measures
@@ -234,92 +278,7 @@ def fused_layer_stats(
     return layer_stats(x, hoyer=hoyer, zeros=zeros)
 
 
-# ----------------------------------------------------------------------------- per-layer sums
-
-
-class _LayerAccumulator:
-    """Streaming sums of one layer's measures over the probe pass (all on the layer's device)."""
-
-    def __init__(self, arrays: bool, correlation: bool, spatial_images: int) -> None:
-        self.arrays = arrays
-        self.correlation = correlation
-        self.spatial_images = spatial_images
-        self.count = 0  # samples seen
-        self.layer_values: list[Tensor] = []  # perplexity, layer scope, (B,) each
-        self.sums: dict[str, Tensor] = {}  # other measures, layer scope: sum over samples
-        self.channel_sum: Tensor | None = None  # (C,) sum of per-channel perplexity
-        self.spatial: list[Tensor] = []  # (b, H, W) of the first spatial_images samples
-        self.unit_means: list[Tensor] = []  # (B, C) channel means of |a| for lifetime sparsity
-        self.corr: Any = None
-
-
-class _FastCorrelation:
-    """Streaming sums for the filter correlation over positions, cheaper than
-    :class:`xai_sparsity.measuring.correlation.CorrelationAccumulator.update`: the centred (C, n) samples of a
-    batch are written in one pass and multiplied in the activations' own precision (float32), and
-    only the small per-batch results are summed in float64. :meth:`accumulator` hands the sums to a
-    ``CorrelationAccumulator`` (its state format), so that r, the dead-channel mask and mean |r| are
-    exactly the correlation module's definitions.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.shift: Tensor | None = None  # (C,) in the working dtype
-        self.sum: Tensor | None = None  # (C,) float64, sum of (f - shift)
-        self.outer: Tensor | None = None  # (C, C) float64, sum of (f - shift)(f - shift)^T
-        self.low: Tensor | None = None
-        self.high: Tensor | None = None
-
-    def update(self, x: Tensor) -> None:
-        b, c = x.shape[0], x.shape[1]
-        x3 = x.reshape(b, c, -1)
-        if x3.dtype not in (torch.float32, torch.float64):
-            x3 = x3.float()
-        if self.shift is None:
-            self.shift = x3.mean(dim=(0, 2))
-        # (C, B, P) contiguous, centred, in one pass
-        y = torch.empty((c, b, x3.shape[2]), dtype=x3.dtype, device=x3.device)
-        torch.sub(x3.transpose(0, 1), self.shift[:, None, None], out=y)
-        y2 = y.view(c, -1)
-        if y2.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products, then restore
-            try:
-                outer = (y2 @ y2.t()).double()
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = True
-        else:
-            outer = (y2 @ y2.t()).double()
-        total = y2.sum(dim=1).double()  # (a float64 accumulator here is ~50x slower on CPUs)
-        low, high = y2.amin(dim=1), y2.amax(dim=1)  # (aminmax: ~5x slower than both on CPUs)
-        if self.outer is None:
-            self.outer, self.sum, self.low, self.high = outer, total, low, high
-        else:
-            assert self.sum is not None and self.low is not None and self.high is not None
-            self.outer += outer
-            self.sum += total
-            self.low = torch.minimum(self.low, low)
-            self.high = torch.maximum(self.high, high)
-        self.n += y2.shape[1]
-
-    def accumulator(self) -> Any:
-        from xai_sparsity.measuring import correlation as correlation
-
-        assert self.shift is not None and self.low is not None and self.high is not None
-        shift = self.shift.double()
-        acc = correlation.CorrelationAccumulator(over="positions")
-        acc.load_state_dict(
-            {
-                "version": correlation._STATE_VERSION,
-                "over": "positions",
-                "n": self.n,
-                "shift": shift,
-                "sum": self.sum,
-                "outer": self.outer,
-                "min": self.low.double() + shift,  # min/max only decide "constant channel"
-                "max": self.high.double() + shift,
-            }
-        )
-        return acc
+# ----------------------------------------------------------------------------- training batches
 
 
 class _TrainAccumulator:
@@ -415,37 +374,10 @@ class SparsityMonitor:
             raise XaiSparsityError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self._root = unwrap(model)
-        measures = (measures,) if isinstance(measures, str) else tuple(measures)
-        scopes = (scopes,) if isinstance(scopes, str) else tuple(scopes)
-        for m in measures:
-            check_choice("measure", m, MONITOR_MEASURES)
-        for s in scopes:
-            check_choice("scope", s, MONITOR_SCOPES)
-        if "perplexity" not in measures:
-            raise XaiSparsityError(
-                f"measures={measures!r} must include 'perplexity' (it fills the sparsity:<layer> "
-                f"columns that the analysis reads)"
-            )
-        for name, value, low in (
-            ("every", every, 1),
-            ("array_every", array_every, 0),
-            ("spatial_images", spatial_images, 0),
-            ("batch_size", batch_size, 1),
-        ):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                raise XaiSparsityError(f"{name}={value!r} must be an integer >= {low}")
-        if train_stats_every is not None and (
-            not isinstance(train_stats_every, int) or train_stats_every < 1
-        ):
-            raise XaiSparsityError(
-                f"train_stats_every={train_stats_every!r} must be None or an integer >= 1"
-            )
-        if on_warning is not None and not callable(on_warning):
-            raise XaiSparsityError(
-                f"on_warning must be callable(monitor, epoch, info), got {on_warning!r}"
-            )
-        self.measures = measures
-        self.scopes = scopes
+        self.measures, self.scopes = _checked_measures_and_scopes(measures, scopes)
+        _check_counts(every=every, array_every=array_every, spatial_images=spatial_images)
+        _check_counts(batch_size=batch_size)
+        _check_callbacks(train_stats_every, on_warning)
         self.correlation = bool(correlation)
         self.every = int(every)
         self.array_every = int(array_every)
@@ -464,63 +396,23 @@ class SparsityMonitor:
 
         self.probe, self.probe_labels = _materialize_probe(probe)
         self._probe_cache: tuple[torch.device, torch.dtype | None, Tensor] | None = None
-
-        self._layer_spec = layers
         self._selected = _select_layers(self._root, layers)
-        modules = dict(self._root.named_modules())
-        self._nonnegative = {n for n in self._selected if isinstance(modules[n], _NONNEGATIVE)}
         # one forward on two probe samples: checks the probe's shape, finds per-call names
         self.layers: list[str] = self._discover()
         self._reused = {n.split("#", 1)[0] for n in self.layers if "#" in n}
 
-        self._warning_kwargs: dict[str, Any] | None
-        if warning is False:
-            self._warning_kwargs = None
-        elif warning is None or warning is True:
-            self._warning_kwargs = {}
-        elif isinstance(warning, Mapping):
-            self._warning_kwargs = dict(warning)
-        else:
-            raise XaiSparsityError(
-                f"warning must be a dict of EarlyWarning settings, True/None or False; got {warning!r}"
-            )
+        self._warning_kwargs = _warning_settings(warning)
         self._early: Any = None
-
-        from xai_sparsity.runs.rundir import RunDir
-
         self.out = Path(out)
-        run: Any = RunDir(self.out, create=True) if self.rank == 0 else None
-        self.run = run  # None on non-zero ranks
+        self.run: Any = None  # a RunDir on rank 0
         self._last_epoch = 0
+        self._tb: Any = None  # a TensorBoardWriter
         if self.rank == 0:
-            self._write_config()
-            self._rebuild_warning()
-            if not (self.out / "probe.npz").exists():
-                k = min(max(self.spatial_images, 1), self.probe.shape[0])
-                labels = (
-                    self.probe_labels[:k].numpy()
-                    if self.probe_labels is not None
-                    else np.full(k, -1, dtype=np.int64)
-                )
-                self.run.save_probe(self.probe[:k].float().numpy(), labels)
+            self._open_run()
+            if log_to_tensorboard is not None:
+                self._tb = _tensorboard_writer(log_to_tensorboard)
 
-        self._tb: Any = None
-        self._tb_owned = False
-        if log_to_tensorboard is not None and self.rank == 0:
-            if isinstance(log_to_tensorboard, (str, os.PathLike)):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(log_to_tensorboard))
-                self._tb_owned = True
-            elif hasattr(log_to_tensorboard, "add_scalar"):
-                self._tb = log_to_tensorboard
-            else:
-                raise XaiSparsityError(
-                    f"log_to_tensorboard must be a SummaryWriter or a folder, got "
-                    f"{type(log_to_tensorboard).__name__}"
-                )
-
-        self._train_cap: Any = None
+        self._train_cap: Any = None  # training-batch statistics (attach / detach)
         self._train_hook: Any = None
         self._train_step = 0
         self._train_active = False
@@ -529,6 +421,32 @@ class SparsityMonitor:
             self.attach()
 
     # ------------------------------------------------------------------------- set-up
+
+    @property
+    def _probe_settings(self) -> ProbeSettings:
+        return ProbeSettings(
+            measures=self.measures,
+            scopes=self.scopes,
+            correlation=self.correlation,
+            spatial_images=self.spatial_images,
+            batch_size=self.batch_size,
+        )
+
+    def _open_run(self) -> None:
+        """Create or continue the run directory: config, the early warning, ``probe.npz``."""
+        from xai_sparsity.runs.rundir import RunDir
+
+        self.run = RunDir(self.out, create=True)
+        self._write_config()
+        self._rebuild_warning()
+        if not (self.out / "probe.npz").exists():
+            k = min(max(self.spatial_images, 1), self.probe.shape[0])
+            labels = (
+                self.probe_labels[:k].numpy()
+                if self.probe_labels is not None
+                else np.full(k, -1, dtype=np.int64)
+            )
+            self.run.save_probe(self.probe[:k].float().numpy(), labels)
 
     def __repr__(self) -> str:
         return (
@@ -590,19 +508,7 @@ class SparsityMonitor:
                 f"none of the selected layers {self._selected[:8]} ran in the model's forward "
                 f"(they may be called as functions or skipped); choose others with layers="
             )
-        return self._order(seen, set(cap.reused))
-
-    def _order(self, names: Sequence[str], reused: set[str]) -> list[str]:
-        """Per-call names in capture's convention (``name#0`` for a reused module's first call),
-        ordered by module registration, then call."""
-        index = {n: i for i, n in enumerate(self._selected)}
-        out = []
-        for n in names:
-            base, _, k = n.partition("#")
-            if not k and base in reused:
-                n, k = f"{base}#0", "0"
-            out.append((index.get(base, len(index)), int(k or 0), n))
-        return [n for *_, n in sorted(out)]
+        return order_layers(self._selected, seen, set(cap.reused))
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -675,127 +581,27 @@ class SparsityMonitor:
         """One probe pass; returns ``{"scalars": {column: value}, "arrays": {key: array},
         "per_sample": {layer: (P,) array}}`` without writing anything.
 
+        The pass is :func:`xai_sparsity.training.probe.probe_pass`, the trainer's probe.
+
         Args:
             arrays: also compute the npz arrays (channel, spatial, correlation, lifetime).
         """
-        from xai_sparsity.capturing.hooks import capture
-
         device, dtype = self._target()
         x_all = self._probe_on(device, dtype)
-        accs: dict[str, _LayerAccumulator] = {}
-        offset = [0]
-
-        def reduce(name: str, out: Tensor) -> None:
-            acc = accs.get(name)
-            if acc is None:
-                acc = accs[name] = _LayerAccumulator(arrays, self.correlation, self.spatial_images)
-            self._reduce(name, acc, out, offset[0])
-
         t0 = time.perf_counter()
-        with (
-            eval_no_grad(self._root),
-            capture(
-                self._root, self._selected, mode="reduce", measures=(), reduce_fn=reduce
-            ) as cap,
-        ):
-            for start in range(0, x_all.shape[0], self.batch_size):
-                offset[0] = start
-                self._forward(x_all[start : start + self.batch_size])
-            reused = set(cap.reused) | self._reused
-        result = self._finalize(accs, reused, arrays)
+        result = probe_pass(
+            self._root,
+            x_all,
+            self._selected,
+            self._probe_settings,
+            arrays=arrays,
+            forward=self._forward,
+            reused=self._reused,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.timings.append(time.perf_counter() - t0)
         return result
-
-    def _reduce(self, name: str, acc: _LayerAccumulator, out: Tensor, offset: int) -> None:
-        if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
-            return
-        if out[0].numel() < 2:  # a single unit per sample has no sparsity
-            return
-        x = out.detach()
-        acc.count += x.shape[0]
-        stats = fused_layer_stats(
-            x,
-            nonnegative=name.partition("#")[0] in self._nonnegative,
-            hoyer="hoyer" in self.measures,
-            zeros="zero_fraction" in self.measures,
-        )
-        acc.layer_values.append(stats["perplexity"])
-        for m in self.measures:
-            if m != "perplexity":
-                v = stats[m].sum()
-                acc.sums[m] = acc.sums[m] + v if m in acc.sums else v
-        if self.correlation:
-            if acc.corr is None:
-                acc.corr = _FastCorrelation()
-            acc.corr.update(x)
-        positions = x[0, 0].numel() if x.dim() >= 3 else 1
-        acc.unit_means.append(stats["unit_sum"] / positions)  # (B, C) for lifetime sparsity
-        if not acc.arrays:
-            return
-        if x.dim() >= 3:
-            if "channel" in self.scopes and "channel" in stats:
-                ch = stats["channel"].sum(0)
-                acc.channel_sum = ch if acc.channel_sum is None else acc.channel_sum + ch
-            k = acc.spatial_images - offset
-            if "spatial" in self.scopes and k > 0 and x.shape[1] >= 2:
-                from xai_sparsity.measuring.measures import perplexity_sparsity
-
-                acc.spatial.append(
-                    perplexity_sparsity(x[:k], "spatial", check_finite=False).float()
-                )
-
-    def _finalize(
-        self, accs: Mapping[str, _LayerAccumulator], reused: set[str], arrays: bool
-    ) -> dict[str, Any]:
-        names = self._order(list(accs), reused)
-        by_name: dict[str, _LayerAccumulator] = {}
-        for n in accs:
-            base, _, k = n.partition("#")
-            by_name[f"{base}#0" if not k and base in reused else n] = accs[n]
-        scalars: dict[str, float] = {}
-        out_arrays: dict[str, np.ndarray] = {}
-        per_sample: dict[str, np.ndarray] = {}
-        for name in names:
-            acc = by_name[name]
-            if acc.count == 0:
-                continue
-            pp = torch.cat(acc.layer_values).cpu().double()
-            finite = torch.isfinite(pp)
-            if not bool(finite.all()):
-                warnings.warn(
-                    f"layer {name!r} produced NaN/Inf activations on the probe set", stacklevel=3
-                )
-            scalars[f"sparsity:{name}"] = float(pp.mean())
-            scalars[f"sparsity_std:{name}"] = float(pp.std(unbiased=False))
-            for m in self.measures:
-                if m != "perplexity":
-                    scalars[f"{_COLUMN_OF[m]}:{name}"] = float(acc.sums[m].item()) / acc.count
-            corr = acc.corr.accumulator() if acc.corr is not None else None
-            if corr is not None:
-                scalars[f"correlation:{name}"] = float(corr.mean_abs())
-                scalars[f"dead:{name}"] = int(corr.num_dead)
-            lifetime = None
-            if acc.unit_means and acc.count >= 2:
-                from xai_sparsity.measuring.measures import lifetime_sparsity
-
-                lifetime = lifetime_sparsity(torch.cat(acc.unit_means), check_finite=False)
-                scalars[f"lifetime:{name}"] = float(lifetime.double().mean())
-            per_sample[name] = pp.float().numpy()
-            if not arrays:
-                continue
-            if "layer" in self.scopes:
-                out_arrays[f"layer:{name}"] = per_sample[name]
-            if acc.channel_sum is not None:
-                out_arrays[f"channel:{name}"] = (acc.channel_sum / acc.count).cpu().numpy()
-            if acc.spatial:
-                out_arrays[f"spatial:{name}"] = torch.cat(acc.spatial).cpu().numpy()
-            if corr is not None:
-                out_arrays[f"correlation:{name}"] = corr.correlation().float().cpu().numpy()
-            if lifetime is not None:
-                out_arrays[f"lifetime:{name}"] = lifetime.float().cpu().numpy()
-        return {"scalars": scalars, "arrays": out_arrays, "per_sample": per_sample}
 
     # ------------------------------------------------------------------------- logging
 
@@ -898,7 +704,7 @@ class SparsityMonitor:
         }
         self.warning_info = info
         if self._tb is not None:
-            self._tb.add_scalar("sparsity_warning", 1.0, epoch)
+            self._tb.scalar("sparsity_warning", 1.0, epoch)
         if self.on_warning is not None and self.on_warning(self, epoch, info):
             self.should_stop = True
 
@@ -907,13 +713,10 @@ class SparsityMonitor:
     ) -> None:
         if self._tb is None:
             return
-        for key, value in row.items():
-            if ":" in key:
-                prefix, layer = key.split(":", 1)
-                self._tb.add_scalar(f"{prefix}/{layer}", value, epoch)
-        for layer, values in per_sample.items():
-            if len(values):
-                self._tb.add_histogram(f"sparsity_per_sample/{layer}", values, epoch)
+        self._tb.row(epoch, row)
+        self._tb.histograms(
+            epoch, {f"sparsity_per_sample/{layer}": v for layer, v in per_sample.items()}
+        )
         self._tb.flush()
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -947,7 +750,7 @@ class SparsityMonitor:
     def close(self) -> None:
         """Detach training hooks and close an owned TensorBoard writer (idempotent)."""
         self.detach()
-        if self._tb is not None and self._tb_owned:
+        if self._tb is not None and self._tb.owned:
             self._tb.close()
             self._tb = None
 

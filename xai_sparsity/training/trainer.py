@@ -59,6 +59,7 @@ from xai_sparsity.base import __version__
 from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
 from xai_sparsity.base.modules import eval_no_grad, resolve_device
 from xai_sparsity.runs.rundir import RunDir
+from xai_sparsity.training.probe import probe_statistics
 
 __all__ = [
     "ARM_COMPONENTS",
@@ -75,13 +76,6 @@ DEFAULT_LAMBDA = 0.3
 DEFAULT_DROPOUT = 0.5
 """Dropout rate of a ``"dropout"`` arm when neither the arm nor the config sets one."""
 ARM_COMPONENTS = ("baseline", "penalty", "dropout", "batchnorm")
-
-_MEASURE_COLUMN = {
-    "perplexity": "sparsity",
-    "zero_fraction": "zero_fraction",
-    "hoyer": "hoyer",
-    "entropy": "entropy",
-}
 
 
 class StopTraining(Exception):
@@ -585,158 +579,12 @@ def default_penalty_layers(model: nn.Module, example: Tensor, which: str = "deep
 
 
 # ----------------------------------------------------------------------------------------------
-# Probe statistics
-
-
-class _ProbeReducer:
-    """Per-layer probe statistics, computed inside a capture's ``reduce_fn`` in a few passes.
-
-    The same definitions as :mod:`xai_sparsity.measuring.measures` (transform ``"abs"``, perplexity variant
-    ``"normalized"``, zero tolerance 0, an all-zero map counts as 1 for every measure), from
-    one pass of :func:`xai_sparsity.measuring.engine.layer_stats` per layer and batch.
-    """
-
-    def __init__(self, *, full: bool, channel: bool, correlation: bool) -> None:
-        self.full = full
-        self.channel = channel
-        self.correlation = correlation
-        self.values: dict[str, dict[str, list[Tensor]]] = {}
-        self.corr: dict[str, Any] = {}
-
-    def _add(self, name: str, key: str, value: Tensor) -> None:
-        self.values.setdefault(name, {}).setdefault(key, []).append(value.detach().cpu())
-
-    def __call__(self, name: str, out: Tensor) -> None:
-        from xai_sparsity.measuring.engine import layer_stats
-
-        with torch.no_grad():
-            x = out.detach()
-            if x.dim() < 2 or x[0].numel() < 2:
-                return
-            stats = layer_stats(x, hoyer=self.full, zeros=self.full, channel=self.channel)
-            self._add(name, "perplexity", stats["perplexity"])
-            if self.full:
-                self._add(name, "zero_fraction", stats["zero_fraction"])
-                self._add(name, "hoyer", stats["hoyer"])
-                self._add(name, "entropy", stats["entropy"])
-                positions = x[0, 0].numel() if x.dim() >= 3 else 1
-                self._add(name, "pooled", stats["unit_sum"] / positions)  # (B, C) mean |a|
-            if "channel" in stats:
-                self._add(name, "channel", stats["channel"])
-            if self.correlation:
-                from xai_sparsity.measuring.correlation import CorrelationAccumulator
-
-                acc = self.corr.get(name)
-                if acc is None:
-                    acc = self.corr[name] = CorrelationAccumulator(over="positions")
-                acc.update(x)
-
-    def results(self) -> dict[str, dict[str, Tensor]]:
-        """Layer -> measure -> values concatenated over batches; reused modules get ``#k``."""
-        out: dict[str, dict[str, Tensor]] = {}
-        for name, per in self.values.items():
-            key = f"{name}#0" if f"{name}#1" in self.values else name
-            out[key] = {k: torch.cat(v) for k, v in per.items()}
-        return out
-
-    def correlation_of(self, key: str) -> Any:
-        if key in self.corr:
-            return self.corr[key]
-        if key.endswith("#0"):
-            return self.corr.get(key[:-2])
-        return None
+# The trainer
 
 
 def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
     for i in range(0, x.shape[0], size):
         yield x[i : i + size]
-
-
-def probe_statistics(
-    model: nn.Module,
-    probe_x: Tensor,
-    layers: Any,
-    *,
-    train_probe_x: Tensor | None = None,
-    arrays: bool = False,
-    spatial_images: int = 8,
-    correlation: bool = True,
-    batch_size: int = 500,
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Sparsity summaries of ``layers`` on a fixed probe set (eval mode, no grad).
-
-    Args:
-        model: the model (not changed: train/eval flags are restored).
-        probe_x: (P, C, H, W) probe inputs on the model's device.
-        layers: a layer spec for :func:`xai_sparsity.capturing.hooks.capture`.
-        train_probe_x: fixed training inputs for the ``train_sparsity:`` columns.
-        arrays: also return the npz arrays (channel, layer, spatial, correlation, lifetime).
-        spatial_images: K, the number of probe images whose spatial maps are kept.
-        correlation: accumulate filter correlation (``correlation:`` and ``dead:`` columns).
-
-    Returns:
-        ``(columns, arrays)``: history columns ``<prefix>:<layer>`` (see docs/architecture.md)
-        and npz arrays ``layer:``, ``channel:``, ``spatial:``, ``correlation:``, ``lifetime:``.
-    """
-    from xai_sparsity.capturing.hooks import capture
-    from xai_sparsity.measuring.measures import lifetime_sparsity
-
-    reducer = _ProbeReducer(full=True, channel=arrays, correlation=correlation)
-    cols: dict[str, float] = {}
-    out_arrays: dict[str, np.ndarray] = {}
-    with eval_no_grad(model):
-        with capture(model, layers, mode="reduce", measures=(), reduce_fn=reducer):
-            for xb in _batches(probe_x, batch_size):
-                model(xb)
-        train_stats: dict[str, dict[str, Tensor]] = {}
-        if train_probe_x is not None and len(train_probe_x):
-            train_reducer = _ProbeReducer(full=False, channel=False, correlation=False)
-            with capture(model, layers, mode="reduce", measures=(), reduce_fn=train_reducer):
-                for xb in _batches(train_probe_x, batch_size):
-                    model(xb)
-            train_stats = train_reducer.results()
-        spatial: dict[str, Tensor] = {}
-        if arrays and spatial_images > 0:
-            with capture(
-                model, layers, mode="reduce", measures=("perplexity",), scopes=("spatial",)
-            ) as cap:
-                model(probe_x[:spatial_images])
-            for k in cap.stats:
-                per_k = cap.stats[k]
-                if "perplexity:spatial" in per_k:
-                    spatial[k] = per_k["perplexity:spatial"]
-    for name, per in reducer.results().items():
-        layer_s = per["perplexity"]
-        cols[f"sparsity:{name}"] = float(layer_s.mean())
-        cols[f"sparsity_std:{name}"] = float(layer_s.std(unbiased=False))
-        for m in ("zero_fraction", "hoyer", "entropy"):
-            cols[f"{_MEASURE_COLUMN[m]}:{name}"] = float(per[m].mean())
-        if name in train_stats:
-            cols[f"train_sparsity:{name}"] = float(train_stats[name]["perplexity"].mean())
-        acc = reducer.correlation_of(name)
-        if acc is not None:
-            cols[f"correlation:{name}"] = float(acc.mean_abs())
-            cols[f"dead:{name}"] = int(acc.num_dead)
-        pooled = per["pooled"]
-        lifetime = None
-        if pooled.shape[0] >= 2:
-            lifetime = lifetime_sparsity(pooled, check_finite=False)
-            cols[f"lifetime:{name}"] = float(lifetime.double().mean())
-        if arrays:
-            out_arrays[f"layer:{name}"] = layer_s.float().numpy()
-            if "channel" in per:
-                out_arrays[f"channel:{name}"] = per["channel"].mean(dim=0).float().numpy()
-            if name in spatial:
-                out_arrays[f"spatial:{name}"] = spatial[name].float().cpu().numpy()
-            if acc is not None:
-                out_arrays[f"correlation:{name}"] = acc.correlation().float().cpu().numpy()
-            if lifetime is not None:
-                out_arrays[f"lifetime:{name}"] = lifetime.float().cpu().numpy()
-    return cols, out_arrays
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer
 
 
 def _evaluate(
@@ -780,6 +628,373 @@ def _same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k not in skip} == {
         k: v for k, v in b.items() if k not in skip
     }
+
+
+@dataclass
+class _Session:
+    """Everything one run of :func:`train` works with, built by :func:`_set_up`."""
+
+    cfg: TrainConfig
+    run: RunDir
+    rank: int
+    world: int
+    device: torch.device
+    data: Any
+    core: nn.Module  # the model
+    ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel when world > 1
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler
+    amp: Callable[[], contextlib.AbstractContextManager[Any]]
+    generator: torch.Generator  # the data order
+    test_x: Tensor
+    test_y: Tensor
+    probe_x: Tensor
+    probe_y: Tensor
+    train_probe_x: Tensor
+    layers_spec: Any
+    penalty: Any  # SparsityPenalty or None
+    penalty_layers: list[str]
+    start_epoch: int = 1
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    epoch_times: list[float] = field(default_factory=list)
+
+
+def _load_data(cfg: TrainConfig, rank: int, world: int) -> Any:
+    """The run's DataBundle; rank 0 loads (and downloads, if asked) first."""
+    from xai_sparsity.training.data import load_data
+
+    if rank != 0:
+        _barrier(world)
+    data = load_data(
+        cfg.data,
+        root=cfg.data_root,
+        train_size=cfg.train_size,
+        test_size=cfg.test_size,
+        probe_size=cfg.probe_size,
+        seed=cfg.seed,
+        augment=cfg.augment,
+        download=cfg.download and rank == 0,
+    )
+    if rank == 0:
+        _barrier(world)
+    return data
+
+
+def _make_penalty(cfg: TrainConfig, core: nn.Module, example: Tensor) -> tuple[Any, list[str]]:
+    """(SparsityPenalty or None, the penalised layers) of ``cfg``."""
+    from xai_sparsity.training.penalty import SparsityPenalty, auto_targets
+
+    if cfg.penalty_lambda <= 0:
+        return None, []
+    if cfg.penalty_layers == "auto":
+        assert cfg.penalty_baseline is not None
+        layers = auto_targets(cfg.penalty_baseline)
+        if not layers:
+            raise XaiSparsityError(
+                f"penalty_layers='auto': no layer's sparsity rose before the test-loss "
+                f"minimum in {cfg.penalty_baseline!r}; name the layers to penalise"
+            )
+    elif cfg.penalty_layers is None or cfg.penalty_layers in ("deepest", "all"):
+        which = "all" if cfg.penalty_layers is None else str(cfg.penalty_layers)
+        layers = default_penalty_layers(core, example, which)
+    else:
+        from xai_sparsity.capturing.hooks import resolve_layers
+
+        layers = resolve_layers(core, cfg.penalty_layers)
+    penalty = SparsityPenalty(
+        layers,
+        cfg.penalty_lambda,
+        weights=cfg.penalty_weights,
+        scope=cfg.penalty_scope,
+        variant=cfg.penalty_variant,
+        transform=cfg.penalty_transform,
+    )
+    return penalty, layers
+
+
+def _mixed_precision(
+    cfg: TrainConfig, device: torch.device, rank: int
+) -> tuple[Callable[[], contextlib.AbstractContextManager[Any]], Any]:
+    """(autocast context factory, GradScaler): mixed precision only with ``amp`` on CUDA."""
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    if cfg.amp and not use_amp and rank == 0:
+        warnings.warn("amp=True is only used on CUDA; training in float32", stacklevel=4)
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def amp() -> contextlib.AbstractContextManager[Any]:
+        if use_amp:
+            return torch.autocast(device_type="cuda", dtype=amp_dtype)
+        return contextlib.nullcontext()
+
+    return amp, scaler
+
+
+def _set_up(
+    cfg: TrainConfig,
+    run: RunDir,
+    rank: int,
+    world: int,
+    device: torch.device,
+    model: nn.Module | None,
+    data: Any,
+) -> _Session:
+    """Data, model, optimiser, penalty, mixed precision and the data order of one run."""
+    from xai_sparsity.training.models import make_model
+
+    if data is None:
+        data = _load_data(cfg, rank, world)
+    _seed_everything(cfg.seed)
+    if model is None:
+        model = make_model(
+            cfg.model,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            widths=cfg.widths,
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            batch_norm=cfg.batch_norm,
+        )
+    core = model.to(device)
+    optimizer = _make_optimizer(cfg, core.parameters())
+    test_x, test_y = (t.to(device) for t in _stack(data.test))
+    probe_x, probe_y = (t.to(device) for t in _stack(data.probe))
+    train_probe_x = _stack(data.train_probe)[0].to(device)
+    penalty, penalty_layers = _make_penalty(cfg, core, probe_x[:2])
+    ddp_model: nn.Module = core
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    amp, scaler = _mixed_precision(cfg, device, rank)
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    return _Session(
+        cfg=cfg,
+        run=run,
+        rank=rank,
+        world=world,
+        device=device,
+        data=data,
+        core=core,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        scaler=scaler,
+        amp=amp,
+        generator=generator,
+        test_x=test_x,
+        test_y=test_y,
+        probe_x=probe_x,
+        probe_y=probe_y,
+        train_probe_x=train_probe_x,
+        layers_spec=_measured_layer_spec(cfg),
+        penalty=penalty,
+        penalty_layers=penalty_layers,
+    )
+
+
+def _resume(s: _Session) -> None:
+    """Continue from ``checkpoints/last.pt`` if there is one (model, optimiser, scaler, data
+    order, RNG states, best epoch, timings); else write ``probe.npz``."""
+    run = s.run
+    if run.checkpoint_path("last").exists():
+        state = run.load_checkpoint("last")
+        s.core.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and s.scaler.is_enabled():
+            s.scaler.load_state_dict(state["scaler"])
+        s.generator.set_state(state["data_generator"])
+        rng = state["rng"]
+        if isinstance(rng, list):
+            rng = rng[s.rank] if len(rng) == s.world else rng[0]
+        _set_rng_state(rng)
+        s.start_epoch = int(state["epoch"]) + 1
+        s.best_loss, s.best_epoch = float(state["best_test_loss"]), int(state["best_epoch"])
+        s.epoch_times = [float(t) for t in state.get("epoch_times", [])]
+        if s.rank == 0:
+            run.truncate_history(int(state["epoch"]))
+    elif s.rank == 0:
+        k = min(s.cfg.spatial_images, int(s.probe_x.shape[0]))
+        run.save_probe(s.probe_x[:k].cpu().numpy(), s.probe_y[:k].cpu().numpy())
+    _barrier(s.world)
+
+
+def _train_epoch(s: _Session, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One epoch of optimisation; returns the row's first columns (epoch, training loss and
+    accuracy) and the columns that follow the test ones (lr, penalty, training-batch
+    sparsity)."""
+    from torch.utils.data import DataLoader
+
+    cfg, device, world = s.cfg, s.device, s.world
+    lr = _lr_at(cfg, epoch)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    n_train = len(s.data.train)
+    batches = _epoch_batches(n_train, cfg.batch_size, s.generator, s.rank, world)
+    global_sizes = [min(cfg.batch_size, n_train - i) for i in range(0, n_train, cfg.batch_size)]
+    loader = DataLoader(
+        s.data.train,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    s.ddp_model.train()
+    # running sums on the device (no synchronisation per step): loss, correct, penalty
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    steps = 0
+    batch_sparsity: dict[str, Tensor] = {}
+    penalty = s.penalty
+    with penalty.attach(s.core) if penalty is not None else contextlib.nullcontext():
+        for step, (xb, yb) in enumerate(loader):
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+            frac = xb.shape[0] / global_sizes[step] * world
+            with s.amp():
+                logits = s.ddp_model(xb)
+                ce = F.cross_entropy(logits.float(), yb, reduction="sum")
+                loss = ce / global_sizes[step] * world
+                if penalty is not None:
+                    loss = loss + _penalty_step(penalty, frac, sums, batch_sparsity)
+            s.optimizer.zero_grad(set_to_none=True)
+            s.scaler.scale(loss).backward()
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            sums[0] += ce.detach().double()
+            sums[1] += (logits.detach().argmax(dim=1) == yb).sum().double()
+            steps += 1
+    sums_list = [float(v) for v in sums.tolist()]
+    loss_sum, correct = _all_sum(sums_list[:2], world, device)
+    row = {"epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": correct / n_train}
+    extra: dict[str, Any] = {"lr": lr}
+    if penalty is not None:
+        extra["penalty"] = sums_list[2] / max(steps, 1)
+        for name, v in batch_sparsity.items():
+            extra[f"train_batch_sparsity:{name}"] = float(v) / max(steps, 1)
+    return row, extra
+
+
+def _penalty_step(
+    penalty: Any, frac: float, sums: Tensor, batch_sparsity: dict[str, Tensor]
+) -> Tensor:
+    """The penalty of one step; adds it to ``sums[2]`` and its layers' sparsity to
+    ``batch_sparsity``."""
+    pen = penalty.value(batch_fraction=frac)
+    if frac:
+        sums[2] += pen.detach().double() / frac
+    for name, v in penalty.last_tensors.items():
+        prev = batch_sparsity.get(name)
+        batch_sparsity[name] = v if prev is None else prev + v
+    return pen
+
+
+def _evaluate_epoch(s: _Session) -> tuple[float, float]:
+    """(test loss, test accuracy) of the model now, sharded over the ranks."""
+    model = s.ddp_model if s.world == 1 else s.core
+    return _evaluate(
+        model,
+        s.test_x,
+        s.test_y,
+        s.cfg.eval_batch_size,
+        s.rank,
+        s.world,
+        s.device,
+        s.amp,
+    )
+
+
+def _record(s: _Session, epoch: int, row: dict[str, Any]) -> None:
+    """Rank 0: the probe statistics into ``row``, the arrays, the history row and, on a new
+    best test loss, ``checkpoints/best.pt``."""
+    if s.rank != 0:
+        return
+    cfg = s.cfg
+    want_arrays = epoch % cfg.array_every == 0 or epoch == cfg.epochs
+    cols, arrays = probe_statistics(
+        s.core,
+        s.probe_x,
+        s.layers_spec,
+        train_probe_x=s.train_probe_x,
+        arrays=want_arrays,
+        spatial_images=min(cfg.spatial_images, int(s.probe_x.shape[0])),
+        correlation=cfg.correlation,
+        batch_size=cfg.eval_batch_size,
+    )
+    row.update(cols)
+    if want_arrays:
+        s.run.save_arrays(epoch, arrays)
+    s.run.append_history(row)
+    if row["test_loss"] < s.best_loss:
+        s.best_loss, s.best_epoch = row["test_loss"], epoch
+        s.run.save_checkpoint(s.core.state_dict(), "best")
+
+
+def _checkpoint(s: _Session, epoch: int) -> None:
+    """``checkpoints/last.pt`` (rank 0 writes; every rank's RNG state goes in)."""
+    rng_states = _gather_rng(s.world)
+    if s.rank == 0:
+        s.run.save_checkpoint(
+            {
+                "epoch": epoch,
+                "model": s.core.state_dict(),
+                "optimizer": s.optimizer.state_dict(),
+                "scaler": s.scaler.state_dict(),
+                "data_generator": s.generator.get_state(),
+                "rng": rng_states,
+                "best_test_loss": s.best_loss,
+                "best_epoch": s.best_epoch,
+                "epoch_times": s.epoch_times,
+            },
+            "last",
+        )
+    _barrier(s.world)
+
+
+def _progress_bar(s: _Session, progress: bool) -> Any:
+    if not progress or s.rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=s.cfg.epochs,
+        initial=s.start_epoch - 1,
+        desc=f"{s.cfg.arm}",
+        unit="epoch",
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _run_epochs(
+    s: _Session, progress: bool, callbacks: Sequence[Callable[[dict[str, Any]], Any]]
+) -> bool:
+    """Train, evaluate, record and checkpoint every remaining epoch; True if a callback
+    stopped the run."""
+    bar = _progress_bar(s, progress)
+    try:
+        for epoch in range(s.start_epoch, s.cfg.epochs + 1):
+            t0 = time.perf_counter()
+            row, extra = _train_epoch(s, epoch)
+            test_loss, test_acc = _evaluate_epoch(s)
+            row.update(test_loss=test_loss, test_acc=test_acc, **extra)
+            _record(s, epoch, row)
+            s.epoch_times.append(time.perf_counter() - t0)
+            _checkpoint(s, epoch)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    test_loss=f"{test_loss:.3f}", test_acc=f"{test_acc:.3f}", refresh=False
+                )
+            try:
+                for cb in callbacks:
+                    cb(dict(row))
+            except StopTraining:
+                return True
+    finally:
+        if bar is not None:
+            bar.close()
+    return False
 
 
 def train(
@@ -827,261 +1042,16 @@ def train(
     if run.is_complete:
         return run
     t_start = time.perf_counter()
-
-    from xai_sparsity.training.data import load_data
-    from xai_sparsity.training.models import make_model
-    from xai_sparsity.training.penalty import SparsityPenalty, auto_targets
-
-    if data is None:
-        if rank != 0:
-            _barrier(world)  # rank 0 loads (and downloads, if asked) first
-        data = load_data(
-            cfg.data,
-            root=cfg.data_root,
-            train_size=cfg.train_size,
-            test_size=cfg.test_size,
-            probe_size=cfg.probe_size,
-            seed=cfg.seed,
-            augment=cfg.augment,
-            download=cfg.download and rank == 0,
-        )
-        if rank == 0:
-            _barrier(world)
-    _seed_everything(cfg.seed)
-    if model is None:
-        model = make_model(
-            cfg.model,
-            num_classes=data.num_classes,
-            in_channels=data.in_channels,
-            image_size=data.image_size,
-            widths=cfg.widths,
-            hidden=cfg.hidden,
-            dropout=cfg.dropout,
-            batch_norm=cfg.batch_norm,
-        )
-    core = model.to(device)
-    optimizer = _make_optimizer(cfg, core.parameters())
-
-    test_x, test_y = (t.to(device) for t in _stack(data.test))
-    probe_x, probe_y = (t.to(device) for t in _stack(data.probe))
-    train_probe_x, _ = _stack(data.train_probe)
-    train_probe_x = train_probe_x.to(device)
-    layers_spec = _measured_layer_spec(cfg)
-
-    penalty: SparsityPenalty | None = None
-    penalty_layers: list[str] = []
-    if cfg.penalty_lambda > 0:
-        if cfg.penalty_layers == "auto":
-            assert cfg.penalty_baseline is not None
-            penalty_layers = auto_targets(cfg.penalty_baseline)
-            if not penalty_layers:
-                raise XaiSparsityError(
-                    f"penalty_layers='auto': no layer's sparsity rose before the test-loss "
-                    f"minimum in {cfg.penalty_baseline!r}; name the layers to penalise"
-                )
-        elif cfg.penalty_layers is None or cfg.penalty_layers in ("deepest", "all"):
-            which = "all" if cfg.penalty_layers is None else str(cfg.penalty_layers)
-            penalty_layers = default_penalty_layers(core, probe_x[:2], which)
-        else:
-            from xai_sparsity.capturing.hooks import resolve_layers
-
-            spec = cfg.penalty_layers
-            penalty_layers = resolve_layers(core, spec)
-        penalty = SparsityPenalty(
-            penalty_layers,
-            cfg.penalty_lambda,
-            weights=cfg.penalty_weights,
-            scope=cfg.penalty_scope,
-            variant=cfg.penalty_variant,
-            transform=cfg.penalty_transform,
-        )
-
-    ddp_model: nn.Module = core
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    use_amp = bool(cfg.amp and device.type == "cuda")
-    if cfg.amp and not use_amp and rank == 0:
-        warnings.warn("amp=True is only used on CUDA; training in float32", stacklevel=2)
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    def amp() -> contextlib.AbstractContextManager[Any]:
-        if use_amp:
-            return torch.autocast(device_type="cuda", dtype=amp_dtype)
-        return contextlib.nullcontext()
-
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    start_epoch = 1
-    best_loss, best_epoch = math.inf, 0
-    epoch_times: list[float] = []
-    if run.checkpoint_path("last").exists():
-        state = run.load_checkpoint("last")
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["data_generator"])
-        rng = state["rng"]
-        if isinstance(rng, list):
-            rng = rng[rank] if len(rng) == world else rng[0]
-        _set_rng_state(rng)
-        start_epoch = int(state["epoch"]) + 1
-        best_loss, best_epoch = float(state["best_test_loss"]), int(state["best_epoch"])
-        epoch_times = [float(t) for t in state.get("epoch_times", [])]
-        if rank == 0:
-            run.truncate_history(int(state["epoch"]))
-    elif rank == 0:
-        k = min(cfg.spatial_images, int(probe_x.shape[0]))
-        run.save_probe(probe_x[:k].cpu().numpy(), probe_y[:k].cpu().numpy())
-    _barrier(world)
-
-    n_train = len(data.train)
-    from torch.utils.data import DataLoader
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.epochs,
-            initial=start_epoch - 1,
-            desc=f"{cfg.arm}",
-            unit="epoch",
-            leave=False,
-            dynamic_ncols=True,
-        )
-    stopped = False
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            lr = _lr_at(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = _epoch_batches(n_train, cfg.batch_size, generator, rank, world)
-            global_sizes = [
-                min(cfg.batch_size, n_train - i) for i in range(0, n_train, cfg.batch_size)
-            ]
-            loader = DataLoader(
-                data.train,
-                batch_sampler=batches,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            ddp_model.train()
-            # running sums on the device (no synchronisation per step): loss, correct, penalty
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            steps = 0
-            batch_sparsity: dict[str, Tensor] = {}
-            attach = penalty.attach(core) if penalty is not None else contextlib.nullcontext()
-            with attach:
-                for step, (xb, yb) in enumerate(loader):
-                    xb = xb.to(device, non_blocking=True)
-                    yb = yb.to(device, non_blocking=True)
-                    frac = xb.shape[0] / global_sizes[step] * world
-                    with amp():
-                        logits = ddp_model(xb)
-                        ce = F.cross_entropy(logits.float(), yb, reduction="sum")
-                        loss = ce / global_sizes[step] * world
-                        if penalty is not None:
-                            pen = penalty.value(batch_fraction=frac)
-                            loss = loss + pen
-                            if frac:
-                                sums[2] += pen.detach().double() / frac
-                            for name, v in penalty.last_tensors.items():
-                                prev = batch_sparsity.get(name)
-                                batch_sparsity[name] = v if prev is None else prev + v
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    sums[0] += ce.detach().double()
-                    sums[1] += (logits.detach().argmax(dim=1) == yb).sum().double()
-                    steps += 1
-            sums_list = [float(v) for v in sums.tolist()]
-            loss_sum, correct = _all_sum(sums_list[:2], world, device)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": loss_sum / n_train,
-                "train_acc": correct / n_train,
-            }
-            test_loss, test_acc = _evaluate(
-                ddp_model if world == 1 else core,
-                test_x,
-                test_y,
-                cfg.eval_batch_size,
-                rank,
-                world,
-                device,
-                amp,
-            )
-            row["test_loss"], row["test_acc"] = test_loss, test_acc
-            row["lr"] = lr
-            if penalty is not None:
-                row["penalty"] = sums_list[2] / max(steps, 1)
-                for name, v in batch_sparsity.items():
-                    row[f"train_batch_sparsity:{name}"] = float(v) / max(steps, 1)
-            want_arrays = epoch % cfg.array_every == 0 or epoch == cfg.epochs
-            if rank == 0:
-                cols, arrays = probe_statistics(
-                    core,
-                    probe_x,
-                    layers_spec,
-                    train_probe_x=train_probe_x,
-                    arrays=want_arrays,
-                    spatial_images=min(cfg.spatial_images, int(probe_x.shape[0])),
-                    correlation=cfg.correlation,
-                    batch_size=cfg.eval_batch_size,
-                )
-                row.update(cols)
-                if want_arrays:
-                    run.save_arrays(epoch, arrays)
-                run.append_history(row)
-                if test_loss < best_loss:
-                    best_loss, best_epoch = test_loss, epoch
-                    run.save_checkpoint(core.state_dict(), "best")
-            epoch_times.append(time.perf_counter() - t0)
-            rng_states = _gather_rng(world)
-            if rank == 0:
-                run.save_checkpoint(
-                    {
-                        "epoch": epoch,
-                        "model": core.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "data_generator": generator.get_state(),
-                        "rng": rng_states,
-                        "best_test_loss": best_loss,
-                        "best_epoch": best_epoch,
-                        "epoch_times": epoch_times,
-                    },
-                    "last",
-                )
-            _barrier(world)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    test_loss=f"{test_loss:.3f}", test_acc=f"{test_acc:.3f}", refresh=False
-                )
-            try:
-                for cb in callbacks:
-                    cb(dict(row))
-            except StopTraining:
-                stopped = True
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+    s = _set_up(cfg, run, rank, world, device, model, data)
+    _resume(s)
+    stopped = _run_epochs(s, progress, callbacks)
     if rank == 0:
         _finish(
             run,
             cfg,
-            penalty_layers,
-            best_epoch,
-            epoch_times,
+            s.penalty_layers,
+            s.best_epoch,
+            s.epoch_times,
             time.perf_counter() - t_start,
             device,
             world,

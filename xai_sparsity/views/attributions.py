@@ -172,59 +172,21 @@ def attribute(
     >>> attribute(m, torch.rand(5, 3, 8, 8), method="integrated_gradients", n_steps=8).shape
     torch.Size([5, 8, 8])
     """
-    from captum.attr import (
-        GuidedBackprop,
-        IntegratedGradients,
-        LayerAttribution,
-        LayerGradCam,
-        Occlusion,
-        Saliency,
-    )
     from tqdm.auto import tqdm
 
     check_choice("method", method, METHODS)
-    if not isinstance(images, Tensor):
-        raise XaiSparsityError(
-            f"images must be a torch.Tensor (B, C, H, W); got {type(images).__name__}"
-        )
-    if images.ndim != 4:
-        raise XaiSparsityError(
-            f"images must have shape (B, C, H, W); got shape {tuple(images.shape)} "
-            f"(rank {images.ndim}){' - add a batch dim with images[None]' if images.ndim == 3 else ''}"
-        )
-    if images.shape[0] == 0:
-        raise XaiSparsityError("images is an empty batch")
-    if int(batch_size) < 1:
-        raise XaiSparsityError(f"batch_size={batch_size!r} must be at least 1")
+    _check_images(images, batch_size)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
     out_device = images.device
     x_all = images.detach().to(device=device, dtype=param.dtype if param is not None else None)
-    n, c, h, w = x_all.shape
-    layer_name = ""
-    if method == "gradcam":
-        layer_name, layer_module = _resolve_layer(model, layer)
+    n = x_all.shape[0]
+    layer_name, layer_module = _resolve_layer(model, layer) if method == "gradcam" else ("", None)
 
     maps: list[Tensor] = []
     with _attribution_mode(model):
         tgt = _targets(model, x_all, targets, batch_size)
-        if method == "saliency":
-            explainer: Any = Saliency(model)
-        elif method == "integrated_gradients":
-            explainer = IntegratedGradients(model)
-            kwargs.setdefault("internal_batch_size", batch_size)
-        elif method == "guided_backprop":
-            explainer = GuidedBackprop(model)
-        elif method == "occlusion":
-            explainer = Occlusion(model)
-            win = max(1, round(min(h, w) / 8))
-            kwargs.setdefault("sliding_window_shapes", (c, win, win))
-            kwargs.setdefault("strides", (c, max(1, win // 2), max(1, win // 2)))
-            # about 128 perturbed images per forward pass, whatever the batch size
-            kwargs.setdefault("perturbations_per_eval", max(1, 128 // min(batch_size, n)))
-        else:
-            explainer = LayerGradCam(model, layer_module)
-            kwargs.setdefault("relu_attributions", True)
+        explainer = _explainer(model, method, layer_module, tuple(x_all.shape), batch_size, kwargs)
         starts = range(0, n, batch_size)
         show = progress if progress is not None else len(starts) > 1
         for start in tqdm(starts, desc=f"{method}", disable=not show, leave=False):
@@ -239,17 +201,72 @@ def attribute(
                 # Captum announces the temporary ReLU hooks of guided backprop on every call
                 warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
                 attr = explainer.attribute(x, target=tgt[start:stop], **extra)
-            if method == "gradcam":
-                if attr.ndim != 4:
-                    raise XaiSparsityError(
-                        f"gradcam needs a layer with a spatial output (B, C, H, W); layer "
-                        f"{layer_name!r} gives attributions of shape {tuple(attr.shape)}"
-                    )
-                attr = LayerAttribution.interpolate(attr, (h, w), interpolate_mode="bilinear")
-                maps.append(attr.sum(dim=1).detach())
-            else:
-                maps.append(attr.detach().abs().sum(dim=1))
+            maps.append(_to_map(attr, method, layer_name, x_all.shape[2:]))
     return torch.cat(maps).float().to(out_device)
+
+
+def _check_images(images: Any, batch_size: int) -> None:
+    """Raise unless ``images`` is a non-empty (B, C, H, W) tensor and ``batch_size`` >= 1."""
+    if not isinstance(images, Tensor):
+        raise XaiSparsityError(
+            f"images must be a torch.Tensor (B, C, H, W); got {type(images).__name__}"
+        )
+    if images.ndim != 4:
+        raise XaiSparsityError(
+            f"images must have shape (B, C, H, W); got shape {tuple(images.shape)} "
+            f"(rank {images.ndim}){' - add a batch dim with images[None]' if images.ndim == 3 else ''}"
+        )
+    if images.shape[0] == 0:
+        raise XaiSparsityError("images is an empty batch")
+    if int(batch_size) < 1:
+        raise XaiSparsityError(f"batch_size={batch_size!r} must be at least 1")
+
+
+def _explainer(
+    model: nn.Module,
+    method: str,
+    layer: nn.Module | None,
+    shape: tuple[int, ...],
+    batch_size: int,
+    kwargs: dict[str, Any],
+) -> Any:
+    """The Captum explainer of ``method``; sets its defaults in ``kwargs`` (images ``shape``)."""
+    from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam, Occlusion, Saliency
+
+    n, c, h, w = shape
+    if method == "saliency":
+        return Saliency(model)
+    if method == "integrated_gradients":
+        kwargs.setdefault("internal_batch_size", batch_size)
+        return IntegratedGradients(model)
+    if method == "guided_backprop":
+        return GuidedBackprop(model)
+    if method == "occlusion":
+        win = max(1, round(min(h, w) / 8))
+        kwargs.setdefault("sliding_window_shapes", (c, win, win))
+        kwargs.setdefault("strides", (c, max(1, win // 2), max(1, win // 2)))
+        # about 128 perturbed images per forward pass, whatever the batch size
+        kwargs.setdefault("perturbations_per_eval", max(1, 128 // min(batch_size, n)))
+        return Occlusion(model)
+    kwargs.setdefault("relu_attributions", True)
+    return LayerGradCam(model, layer)
+
+
+def _to_map(attr: Tensor, method: str, layer_name: str, size: Sequence[int]) -> Tensor:
+    """Captum's attributions of one batch -> (b, H, W) maps: |attr| summed over the input
+    channels, or Grad-CAM upsampled to the image ``size``."""
+    if method != "gradcam":
+        return attr.detach().abs().sum(dim=1)
+    from captum.attr import LayerAttribution
+
+    if attr.ndim != 4:
+        raise XaiSparsityError(
+            f"gradcam needs a layer with a spatial output (B, C, H, W); layer "
+            f"{layer_name!r} gives attributions of shape {tuple(attr.shape)}"
+        )
+    h, w = (int(v) for v in size)
+    attr = LayerAttribution.interpolate(attr, (h, w), interpolate_mode="bilinear")
+    return attr.sum(dim=1).detach()
 
 
 # --------------------------------------------------------------------------- plotting

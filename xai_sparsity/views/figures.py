@@ -292,40 +292,10 @@ def plot_loss_and_sparsity(
     fig = new_figure(fig, w, min(0.42 * w, 2.6) * n_panels + 0.35)
     axes = fig.subplots(n_panels, 1, sharex=True)
     ax_loss, ax_s = axes[0], axes[-1]
-    epochs = data["epoch"].to_numpy()
-    styles = {"train_loss": ("#000000", "-"), "test_loss": ("#D55E00", "-")}
-    for c in loss_cols:
-        color, ls = styles[c]
-        ax_loss.plot(epochs, data[c], color=color, linestyle=ls, label=c.replace("_", " "))
-    ax_loss.set_ylabel("loss")
-    if acc_cols:
-        ax_acc = axes[1]
-        for c, color in zip(acc_cols, ("#000000", "#D55E00"), strict=False):
-            ax_acc.plot(epochs, data[c], color=color, label=c.replace("_", " "))
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.legend(loc="best")
-    colors = _colors(len(chosen))
-    for name, color in zip(chosen, colors, strict=True):
-        y = data[f"{measure}:{name}"].to_numpy(dtype=float)
-        ax_s.plot(epochs, y, color=color, label=name)
-        t = t_s.get(name)
-        if t is not None:
-            _mark_epoch(ax_s, t, color, None, style=":")
-            hit = np.flatnonzero(epochs == t)
-            if hit.size:
-                ax_s.plot([t], [y[hit[0]]], marker="o", color=color, linestyle="none")
+    _draw_loss_and_accuracy(axes, data, loss_cols, acc_cols)
+    _draw_layer_curves(ax_s, data, chosen, measure, t_s)
     if t_L is not None and turned:
-        for ax in axes:
-            _mark_epoch(ax, t_L, "#000000", None)
-        ax_loss.annotate(
-            "$t_L$",
-            (t_L, 1.0),
-            xycoords=("data", "axes fraction"),
-            ha="left",
-            va="top",
-            xytext=(2, 0),
-            textcoords="offset points",
-        )
+        _mark_turn(axes, t_L)
     elif analysis is not None:
         ax_loss.text(
             0.99,
@@ -343,6 +313,55 @@ def plot_loss_and_sparsity(
         loc="best", ncol=2 if len(chosen) > 4 else 1, title="dotted: $t_s$" if t_s else None
     )
     return attach(fig, data)
+
+
+def _draw_loss_and_accuracy(
+    axes: Sequence[Axes], data: pd.DataFrame, loss_cols: list[str], acc_cols: list[str]
+) -> None:
+    """The loss curves in the first panel and, if asked, the accuracies in the second."""
+    epochs = data["epoch"].to_numpy()
+    styles = {"train_loss": ("#000000", "-"), "test_loss": ("#D55E00", "-")}
+    for c in loss_cols:
+        color, ls = styles[c]
+        axes[0].plot(epochs, data[c], color=color, linestyle=ls, label=c.replace("_", " "))
+    axes[0].set_ylabel("loss")
+    if acc_cols:
+        ax_acc = axes[1]
+        for c, color in zip(acc_cols, ("#000000", "#D55E00"), strict=False):
+            ax_acc.plot(epochs, data[c], color=color, label=c.replace("_", " "))
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend(loc="best")
+
+
+def _draw_layer_curves(
+    ax: Axes, data: pd.DataFrame, layers: list[str], measure: str, t_s: Mapping[str, int | None]
+) -> None:
+    """One curve per layer, with its rise onset ``t_s`` as a dotted line and a marker."""
+    epochs = data["epoch"].to_numpy()
+    for name, color in zip(layers, _colors(len(layers)), strict=True):
+        y = data[f"{measure}:{name}"].to_numpy(dtype=float)
+        ax.plot(epochs, y, color=color, label=name)
+        t = t_s.get(name)
+        if t is not None:
+            _mark_epoch(ax, t, color, None, style=":")
+            hit = np.flatnonzero(epochs == t)
+            if hit.size:
+                ax.plot([t], [y[hit[0]]], marker="o", color=color, linestyle="none")
+
+
+def _mark_turn(axes: Sequence[Axes], t_L: int) -> None:
+    """``t_L`` as a dashed line on every panel, labelled on the first."""
+    for ax in axes:
+        _mark_epoch(ax, t_L, "#000000", None)
+    axes[0].annotate(
+        "$t_L$",
+        (t_L, 1.0),
+        xycoords=("data", "axes fraction"),
+        ha="left",
+        va="top",
+        xytext=(2, 0),
+        textcoords="offset points",
+    )
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -588,40 +607,15 @@ def plot_spatial_maps(
         and ``feature_maps`` (K, h, w) when given.
     """
 
-    imgs = as_numpy(images)
-    if imgs.ndim == 3:
-        imgs = imgs[:, None]
-    if imgs.ndim != 4:
-        raise XaiSparsityError(f"images must be (K, C, H, W) or (K, H, W); got shape {imgs.shape}")
+    imgs, sp = _spatial_inputs(images, maps)
     k, size = imgs.shape[0], (int(imgs.shape[2]), int(imgs.shape[3]))
-    sp = as_numpy(maps)
-    if sp.ndim != 3 or sp.shape[0] != k:
-        raise XaiSparsityError(f"maps must be (K, h, w) with K = {k} images; got shape {sp.shape}")
     up = upsample(sp, size)
-    attrs: dict[str, np.ndarray] = {}
-    if attributions is not None:
-        given = attributions if isinstance(attributions, Mapping) else {"attribution": attributions}
-        for name, a in given.items():
-            arr = as_numpy(a)
-            if arr.ndim != 3 or arr.shape[0] != k:
-                raise XaiSparsityError(
-                    f"attributions {name!r} must be (K, H, W) with K = {k}; got shape {arr.shape}"
-                )
-            attrs[str(name)] = upsample(arr, size)
-    feats = None
-    if feature_maps is not None:
-        feats = as_numpy(feature_maps)
-        if feats.ndim == 4:
-            feats = feats.mean(axis=1)
-        if feats.ndim != 3 or feats.shape[0] != k:
-            raise XaiSparsityError(
-                f"feature_maps must be (K, h, w) or (K, C, h, w) with K = {k}; got {feats.shape}"
-            )
+    attrs = _spatial_attributions(attributions, k, size)
+    feats = _spatial_features(feature_maps, k)
     if titles is not None and len(titles) != k:
         raise XaiSparsityError(f"got {len(titles)} titles for {k} images")
     heads = {"input": "input", "sparsity": "spatial sparsity", "features": "feature map"}
-    heads.update({n: n.replace("_", " ") for n in attrs})
-    heads.update(column_titles or {})
+    heads |= {n: n.replace("_", " ") for n in attrs} | dict(column_titles or {})
     columns = ["input", "sparsity", *attrs, *(["features"] if feats is not None else [])]
     lo, hi = sparsity_range if sparsity_range is not None else (float(sp.min()), float(sp.max()))
 
@@ -631,33 +625,15 @@ def plot_spatial_maps(
     axes = np.asarray(fig.subplots(k, len(columns), squeeze=False))
     sparsity_image = None
     for i in range(k):
-        backdrop = grey(imgs[i])
+        cells = {"input": imgs[i], "sparsity": up[i]}
+        cells.update({n: m[i] for n, m in attrs.items()})
+        if feats is not None:
+            cells["features"] = feats[i]
         for j, col in enumerate(columns):
-            ax = axes[i, j]
-            if col == "input":
-                shown = to_display(imgs[i])
-                ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
-            elif col == "sparsity":
-                ax.imshow(backdrop, cmap="gray")
-                sparsity_image = ax.imshow(
-                    up[i], cmap=SEQUENTIAL_CMAP, vmin=lo, vmax=hi, alpha=alpha
-                )
-            elif col == "features":
-                assert feats is not None
-                ax.imshow(feats[i], cmap="magma", interpolation="nearest")
-            else:
-                ax.imshow(backdrop, cmap="gray")
-                ax.imshow(
-                    normalise_map(attrs[col][i]),
-                    cmap=ATTRIBUTION_CMAP,
-                    vmin=0,
-                    vmax=1,
-                    alpha=alpha,
-                )
-            ax.set_xticks([])
-            ax.set_yticks([])
+            shown = _spatial_cell(axes[i, j], col, cells[col], imgs[i], (lo, hi), alpha)
+            sparsity_image = shown if col == "sparsity" else sparsity_image
             if i == 0:
-                ax.set_title(heads[col])
+                axes[i, j].set_title(heads[col])
         if titles is not None:
             axes[i, 0].set_ylabel(str(titles[i]))
     if sparsity_image is not None:
@@ -669,15 +645,83 @@ def plot_spatial_maps(
             label="sparsity",
             aspect=15,
         )
-    data: dict[str, np.ndarray] = {
-        "images": imgs,
-        "spatial_sparsity": sp,
-        "spatial_sparsity_upsampled": up,
-    }
+    data = {"images": imgs, "spatial_sparsity": sp, "spatial_sparsity_upsampled": up}
     data.update({f"attribution:{n}": a for n, a in attrs.items()})
-    if feats is not None:
-        data["feature_maps"] = feats
-    return attach(fig, data)
+    return attach(fig, data if feats is None else {**data, "feature_maps": feats})
+
+
+def _spatial_cell(
+    ax: Axes,
+    column: str,
+    values: np.ndarray,
+    image: np.ndarray,
+    sparsity_range: tuple[float, float],
+    alpha: float,
+) -> Any:
+    """One cell of :func:`plot_spatial_maps`: the input, a map over the grey input, or a feature
+    map; returns the artist of the map."""
+    if column == "input":
+        shown = to_display(image)
+        artist = ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+    elif column == "features":
+        artist = ax.imshow(values, cmap="magma", interpolation="nearest")
+    else:
+        ax.imshow(grey(image), cmap="gray")
+        if column == "sparsity":
+            lo, hi = sparsity_range
+            artist = ax.imshow(values, cmap=SEQUENTIAL_CMAP, vmin=lo, vmax=hi, alpha=alpha)
+        else:
+            heat = normalise_map(values)
+            artist = ax.imshow(heat, cmap=ATTRIBUTION_CMAP, vmin=0, vmax=1, alpha=alpha)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return artist
+
+
+def _spatial_inputs(images: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(K, C, H, W) images and (K, h, w) maps of :func:`plot_spatial_maps`, checked."""
+    imgs = as_numpy(images)
+    if imgs.ndim == 3:
+        imgs = imgs[:, None]
+    if imgs.ndim != 4:
+        raise XaiSparsityError(f"images must be (K, C, H, W) or (K, H, W); got shape {imgs.shape}")
+    k = imgs.shape[0]
+    sp = as_numpy(maps)
+    if sp.ndim != 3 or sp.shape[0] != k:
+        raise XaiSparsityError(f"maps must be (K, h, w) with K = {k} images; got shape {sp.shape}")
+    return imgs, sp
+
+
+def _spatial_attributions(
+    attributions: Any, k: int, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """Method name -> (K, H, W) attribution maps upsampled to the image ``size`` (checked)."""
+    attrs: dict[str, np.ndarray] = {}
+    if attributions is None:
+        return attrs
+    given = attributions if isinstance(attributions, Mapping) else {"attribution": attributions}
+    for name, a in given.items():
+        arr = as_numpy(a)
+        if arr.ndim != 3 or arr.shape[0] != k:
+            raise XaiSparsityError(
+                f"attributions {name!r} must be (K, H, W) with K = {k}; got shape {arr.shape}"
+            )
+        attrs[str(name)] = upsample(arr, size)
+    return attrs
+
+
+def _spatial_features(feature_maps: Any, k: int) -> np.ndarray | None:
+    """(K, h, w) feature maps (the channel mean of (K, C, h, w) ones), checked; or None."""
+    if feature_maps is None:
+        return None
+    feats = as_numpy(feature_maps)
+    if feats.ndim == 4:
+        feats = feats.mean(axis=1)
+    if feats.ndim != 3 or feats.shape[0] != k:
+        raise XaiSparsityError(
+            f"feature_maps must be (K, h, w) or (K, C, h, w) with K = {k}; got {feats.shape}"
+        )
+    return feats
 
 
 def plot_run_spatial_maps(
@@ -726,26 +770,9 @@ def plot_run_spatial_maps(
     images, maps = images[:k], maps[:k]
     labels = probe.get("labels")
     titles = [f"label {int(v)}" for v in labels[:k]] if labels is not None else None
-    attributions = None
-    features = None
+    attributions, features = None, None
     if model is not None:
-        import torch
-
-        from xai_sparsity.base.modules import eval_mode
-        from xai_sparsity.capturing.hooks import capture
-        from xai_sparsity.views.attributions import attribute
-
-        x = torch.as_tensor(images, dtype=torch.float32)
-        methods = [method] if isinstance(method, str) else list(method or [])
-        attributions = {m: attribute(model, x, method=m) for m in methods} or None
-        param = next(iter(model.parameters()), None)
-        with (
-            eval_mode(model),
-            torch.no_grad(),
-            capture(model, [layer], mode="keep", clone=True) as cap,
-        ):
-            model(x.to(param.device) if param is not None else x)
-        features = cap.activations[layer]
+        attributions, features = _model_maps(model, images, layer, method)
     fig = plot_spatial_maps(
         images,
         maps,
@@ -760,6 +787,30 @@ def plot_run_spatial_maps(
     if isinstance(data, dict) and labels is not None:
         data["labels"] = np.asarray(labels[:k])
     return fig
+
+
+def _model_maps(
+    model: Any, images: np.ndarray, layer: str, method: str | Sequence[str] | None
+) -> tuple[dict[str, Any] | None, Any]:
+    """The attribution maps (method -> (K, H, W); None for no method) of ``images`` and the
+    (K, C, h, w) output of ``layer``, from ``model`` in eval mode."""
+    import torch
+
+    from xai_sparsity.base.modules import eval_mode
+    from xai_sparsity.capturing.hooks import capture
+    from xai_sparsity.views.attributions import attribute
+
+    x = torch.as_tensor(images, dtype=torch.float32)
+    methods = [method] if isinstance(method, str) else list(method or [])
+    attributions = {m: attribute(model, x, method=m) for m in methods} or None
+    param = next(iter(model.parameters()), None)
+    with (
+        eval_mode(model),
+        torch.no_grad(),
+        capture(model, [layer], mode="keep", clone=True) as cap,
+    ):
+        model(x.to(param.device) if param is not None else x)
+    return attributions, cap.activations[layer]
 
 
 # --------------------------------------------------------------------------- figure 5

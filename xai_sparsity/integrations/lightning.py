@@ -178,7 +178,7 @@ class SparsityCallback(Callback):
             for k, v in row.items()
             if ":" in k and k.split(":", 1)[0] in self.log_columns
         }
-        if self.monitor is not None and self.monitor._early is not None:
+        if self.monitor is not None and self.monitor.warning_enabled:
             values["sparsity_warning"] = float(self.monitor.warning_epoch is not None)
         if values:
             pl_module.log_dict(

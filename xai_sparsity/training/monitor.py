@@ -448,6 +448,11 @@ class SparsityMonitor:
             )
             self.run.save_probe(self.probe[:k].float().numpy(), labels)
 
+    @property
+    def warning_enabled(self) -> bool:
+        """Whether the live early warning is on (``warning`` not False; rank 0)."""
+        return self._early is not None
+
     def __repr__(self) -> str:
         return (
             f"SparsityMonitor({type(self._root).__name__}, probe {tuple(self.probe.shape)}, "

@@ -35,6 +35,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,6 +370,36 @@ class _Widget:
 # ----------------------------------------------------------------------------- LayerExplorer
 
 
+def _checked_images(
+    images: Tensor, labels: Tensor | Sequence[int] | None
+) -> tuple[Tensor, Tensor | None]:
+    """A (K, C, H, W) batch and its (K,) long labels (or None), checked."""
+    images = torch.as_tensor(images)
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise XaiSparsityError(
+            f"images must be a (K, C, H, W) batch with K >= 1, got shape {tuple(images.shape)}"
+        )
+    if labels is None:
+        return images, None
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise XaiSparsityError(f"got {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+def _checked_methods(methods: Sequence[str] | None) -> list[str]:
+    """The attribution methods to offer (default: all), checked."""
+    from xai_sparsity.views.attributions import METHODS
+
+    all_methods = list(METHODS)
+    chosen = list(methods) if methods is not None else all_methods
+    for m in chosen:
+        check_choice("method", m, all_methods)
+    if not chosen:
+        raise XaiSparsityError(f"methods=[] selects nothing; choose from {all_methods}")
+    return chosen
+
+
 class LayerExplorer(_Widget):
     """Explore what each layer of a model computes for a few images.
 
@@ -422,18 +453,10 @@ class LayerExplorer(_Widget):
         max_maps: int = 16,
         device: torch.device | str | None = None,
     ) -> None:
-        w = _ipywidgets()
+        _ipywidgets()
         from xai_sparsity.capturing.hooks import list_layers, resolve_layers
 
-        images = torch.as_tensor(images)
-        if images.dim() != 4 or images.shape[0] < 1:
-            raise XaiSparsityError(
-                f"images must be a (K, C, H, W) batch with K >= 1, got shape {tuple(images.shape)}"
-            )
-        if labels is not None:
-            labels = torch.as_tensor(labels).long().reshape(-1)
-            if labels.shape[0] != images.shape[0]:
-                raise XaiSparsityError(f"got {images.shape[0]} images but {labels.shape[0]} labels")
+        images, labels = _checked_images(images, labels)
         if max_maps < 1:
             raise XaiSparsityError(f"max_maps={max_maps!r} must be at least 1")
         self.model = model
@@ -454,8 +477,24 @@ class LayerExplorer(_Widget):
         self._attr_cache: dict[tuple[int, str, str], np.ndarray] = {}
         self._sparsity_cache: dict[tuple[int, str], tuple[float, np.ndarray, np.ndarray]] = {}
         first = self._activations(0)
+        self.layers = self._map_layers(first)
+        self.methods = _checked_methods(methods)
+        self.controls = self._make_controls(int(first[self.layers[0]].shape[1]))
+        self._views = self._make_panels()
+        self._panels = dict(self._views)
+        self.widget = self._layout()
+        self._suspended = False
+        c = self.controls
+        c["layer"].observe(self._on_layer, names="value")
+        c["image"].observe(self._on_image, names="value")
+        c["channel"].observe(self._on_channel, names="value")
+        c["method"].observe(self._on_method, names="value")
+        self._redraw(set(self._panels))
+
+    def _map_layers(self, first: Mapping[str, Tensor]) -> list[str]:
+        """The captured layers with (C, H, W) outputs (C >= 2, H * W >= 2), in call order."""
         call_order = {info.name: i for i, info in enumerate(self.layer_table)}
-        self.layers = sorted(
+        layers = sorted(
             (
                 n
                 for n, a in first.items()
@@ -463,26 +502,19 @@ class LayerExplorer(_Widget):
             ),
             key=lambda n: (call_order.get(n.split("#", 1)[0], len(call_order)), n),
         )
-        if not self.layers:
+        if not layers:
             shapes = {n: tuple(a.shape[1:]) for n, a in first.items()}
             raise XaiSparsityError(
                 f"none of the selected layers has a (C, H, W) output with C >= 2 and H*W >= 2: "
                 f"{shapes}; pass layers= with convolutional layers (see list_layers)"
             )
+        return layers
 
-        from xai_sparsity.views.attributions import METHODS
-
-        all_methods = list(METHODS)
-        chosen = list(methods) if methods is not None else all_methods
-        for m in chosen:
-            check_choice("method", m, all_methods)
-        if not chosen:
-            raise XaiSparsityError(f"methods=[] selects nothing; choose from {all_methods}")
-        self.methods = chosen
-
-        style = {"description_width": "initial"}
+    def _make_controls(self, channels: int) -> dict[str, Any]:
+        """The layer, image, channel and method controls and the status line."""
+        w = _ipywidgets()
         n_images = self.inputs.shape[0]
-        self.controls = {
+        return {
             "layer": w.Dropdown(options=self.layers, value=self.layers[0], description="layer"),
             "image": w.IntSlider(
                 value=0,
@@ -495,19 +527,25 @@ class LayerExplorer(_Widget):
             "channel": w.IntSlider(
                 value=0,
                 min=0,
-                max=int(first[self.layers[0]].shape[1]) - 1,
+                max=channels - 1,
                 description="channel",
                 continuous_update=False,
             ),
             "method": w.Dropdown(
-                options=chosen, value=chosen[0], description="attribution", style=style
+                options=self.methods,
+                value=self.methods[0],
+                description="attribution",
+                style={"description_width": "initial"},
             ),
             "status": w.HTML(value=""),
         }
+
+    @staticmethod
+    def _make_panels() -> dict[str, _BlitPanel]:
         size = (3.3, 3.0)
         image_margins = {"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.9}
         overlay_margins = {"left": 0.02, "right": 0.9, "bottom": 0.02, "top": 0.9}
-        self._views: dict[str, _BlitPanel] = {
+        return {
             "input": _BlitPanel(size, image_margins),
             "feature_maps": _BlitPanel(size, image_margins),
             "channel_sparsity": _BlitPanel(
@@ -519,10 +557,12 @@ class LayerExplorer(_Widget):
             ),
             "attribution": _BlitPanel(size, overlay_margins),
         }
-        self._panels = dict(self._views)
+
+    def _layout(self) -> Any:
+        w = _ipywidgets()
         c = self.controls
         p = {k: v.image for k, v in self._panels.items()}
-        self.widget = w.VBox(
+        return w.VBox(
             [
                 w.HBox([c["layer"], c["image"], c["channel"], c["method"]]),
                 c["status"],
@@ -530,12 +570,6 @@ class LayerExplorer(_Widget):
                 w.HBox([p["spatial"], p["correlation"], p["attribution"]]),
             ]
         )
-        self._suspended = False
-        c["layer"].observe(self._on_layer, names="value")
-        c["image"].observe(self._on_image, names="value")
-        c["channel"].observe(self._on_channel, names="value")
-        c["method"].observe(self._on_method, names="value")
-        self._redraw(set(self._panels))
 
     # -- state -------------------------------------------------------------------------------
 
@@ -735,8 +769,11 @@ class LayerExplorer(_Widget):
         s = self.state
         act = self._activations(s["image"])[s["layer"]]
         layer_s, channel_s, spatial_s = self._sparsity(s["image"], s["layer"])
+        shown = _Selection(
+            s["layer"], s["image"], s["channel"], s["method"], act, layer_s, channel_s, spatial_s
+        )
         try:
-            self._draw(panels, s, act, layer_s, channel_s, spatial_s)
+            self._draw(panels, shown)
         except Exception as exc:
             self._status(f"<span style='color:{_HIGHLIGHT}'>error: {exc}</span>")
             raise
@@ -751,206 +788,276 @@ class LayerExplorer(_Widget):
         base, _ = _display_image(self.inputs[index])
         return base.mean(axis=-1) if base.ndim == 3 else base
 
-    def _draw(
-        self,
-        panels: set[str],
-        s: dict[str, Any],
-        act: Tensor,
-        layer_s: float,
-        channel_s: np.ndarray,
-        spatial_s: np.ndarray,
-    ) -> None:
+    def _draw(self, panels: set[str], sel: _Selection) -> None:
         """Update the artists of ``panels`` in place and re-encode only those panels."""
-        layer, ch, index = s["layer"], s["channel"], s["image"]
         height, width = int(self.inputs.shape[2]), int(self.inputs.shape[3])
-
-        def title(scene: _Scene, text: str) -> None:
-            scene.parts["title"].set_text(text)
-
-        def overlay_scene(cmap: str) -> Callable[[Figure], _Scene]:
-            # the grey input and the heat map (alpha 0.55) are blended into one RGB image here:
-            # one image to resample per update instead of two
-            def build(fig: Figure) -> _Scene:
-                from matplotlib.cm import ScalarMappable
-                from matplotlib.colors import Normalize
-
-                ax = fig.add_subplot()
-                im = ax.imshow(np.zeros((height, width, 3)))
-                ax.set_axis_off()
-                head = ax.set_title(" ", fontsize=9)
-                scale = ScalarMappable(Normalize(0.0, 1.0), cmap=cmap)
-                bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04, alpha=_HEAT_ALPHA)
-                bar.ax.tick_params(labelsize=7)
-                return _Scene([ax, bar.ax], [im, head], {"image": im, "cmap": cmap, "title": head})
-
-            return build
-
-        def blend(scene: _Scene, heat: np.ndarray) -> None:
-            from matplotlib import colormaps
-
-            up = np.clip(upsample(heat, (height, width)), 0.0, 1.0)
-            colors = colormaps[scene.parts["cmap"]](up)[..., :3]
-            grey = self._base(index)[..., None]
-            scene.parts["image"].set_data(_HEAT_ALPHA * colors + (1.0 - _HEAT_ALPHA) * grey)
-
-        def update_input(scene: _Scene) -> None:
-            arr, _ = _display_image(self.inputs[index])
-            scene.parts["image"].set_data(arr)
-            parts = [f"image {index}"]
-            if self.labels is not None:
-                parts.append(f"label {self._class_name(int(self.labels[index]))}")
-            logits = self._logits.get(index)
-            if logits is not None and logits.numel() > 1:
-                parts.append(f"pred {self._class_name(int(logits.argmax()))}")
-            title(scene, ", ".join(parts))
-
-        def build_input(fig: Figure) -> _Scene:
-            ax = fig.add_subplot()
-            arr, cmap = _display_image(self.inputs[0])
-            im = ax.imshow(arr, cmap=cmap, vmin=0.0, vmax=1.0)
-            ax.set_axis_off()
-            head = ax.set_title(" ", fontsize=9)
-            return _Scene([ax], [im, head], {"image": im, "title": head})
-
-        # feature maps: one mosaic image in one axes (far cheaper than a grid of subplots)
-        channels, h, w = (int(n) for n in act.shape[1:])
-        start = (ch // self.max_maps) * self.max_maps
-        idx = list(range(start, min(start + self.max_maps, channels)))
-        cols = math.ceil(math.sqrt(len(idx)))
-        rows = math.ceil(len(idx) / cols)
-        pad_h, pad_w = max(1, round(h * 0.35)), max(1, round(w * 0.1))
-
-        def corner(k: int) -> tuple[int, int]:
-            return (k // cols) * (h + pad_h) + pad_h, (k % cols) * (w + pad_w)
-
-        def build_maps(fig: Figure) -> _Scene:
-            from matplotlib.patches import Rectangle
-            from matplotlib.transforms import offset_copy
-
-            renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-            ax = fig.add_subplot()
-            mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
-            im = ax.imshow(mosaic, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            frame = ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, ec=_HIGHLIGHT, lw=2.5))
-            # "c:" is part of the layout; the value after it is one of few texts (two decimals)
-            labels = []
-            for k, c in enumerate(idx):
-                r0, c0 = corner(k)
-                prefix = ax.text(c0, r0 - 0.5, f"{c}:", fontsize=7, va="bottom")
-                shift = prefix.get_window_extent(renderer).width * 72.0 / fig.dpi
-                after = offset_copy(ax.transData, fig=fig, x=shift, units="points")
-                labels.append(ax.text(c0, r0 - 0.5, " ", fontsize=7, va="bottom", transform=after))
-            ax.set_axis_off()
-            head = ax.set_title(" ", fontsize=9)
-            parts = {"image": im, "frame": frame, "labels": labels, "title": head}
-            return _Scene([ax], [im, frame, *labels, head], parts)
-
-        def update_maps(scene: _Scene) -> None:
-            maps = act[0, idx].numpy().astype(np.float64)
-            mosaic = np.full((rows * (h + pad_h), cols * (w + pad_w)), np.nan)
-            for k, c in enumerate(idx):
-                r0, c0 = corner(k)
-                mosaic[r0 : r0 + h, c0 : c0 + w] = maps[k]
-                scene.parts["labels"][k].set_text(f" {channel_s[c]:.2f}")
-                if c == ch:
-                    scene.parts["frame"].set_xy((c0 - 0.5, r0 - 0.5))
-            lo, hi = float(np.nanmin(mosaic)), float(np.nanmax(mosaic))
-            scene.parts["image"].set_data(mosaic)
-            scene.parts["image"].set_clim(lo, hi if hi > lo else lo + 1)
-            title(scene, f"{layer}: channels {idx[0]}-{idx[-1]} of {channels}")
-
-        def build_channels(fig: Figure) -> _Scene:
-            from matplotlib.text import Text
-
-            ax = fig.add_subplot()
-            bars = ax.bar(np.arange(channels), np.zeros(channels), color=_NEUTRAL, width=0.85)
-            ax.set_ylim(0.0, 1.0)
-            ax.set_xlim(-0.6, channels - 0.4)
-            ax.set_xlabel("channel", fontsize=8)
-            ax.set_ylabel("sparsity", fontsize=8)
-            ax.tick_params(labelsize=7)
-            line = ax.axhline(0.0, color="black", lw=1, ls="--", label="layer 0.00")
-            legend = ax.legend(fontsize=7, loc="lower right")
-            # the legend's own text sizes its frame but is hidden; a plain Text on the same
-            # transform (placed when the legend is drawn) shows it, so it can be stamped
-            sized = legend.get_texts()[0]
-            shown = Text()
-            shown.update_from(sized)
-            shown.set_transform(sized.get_transform())
-            shown.set_zorder(legend.get_zorder() + 1)
-            ax.add_artist(shown)
-            sized.set_visible(False)
-            head = ax.set_title(" ", fontsize=9)
-            spines = list(ax.spines.values())
-            parts = {
-                "bars": list(bars.patches),
-                "line": line,
-                "legend": [sized, shown],
-                "title": head,
-            }
-            return _Scene([ax], [*bars.patches, line, *spines, legend, shown, head], parts)
-
-        def update_channels(scene: _Scene) -> None:
-            for c, bar in enumerate(scene.parts["bars"]):
-                bar.set_height(float(channel_s[c]))
-                bar.set_facecolor(_HIGHLIGHT if c == ch else _NEUTRAL)
-            scene.parts["line"].set_ydata([layer_s, layer_s])
-            for text in scene.parts["legend"]:
-                text.set_text(f"layer {layer_s:.2f}")
-            title(scene, f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})")
-
-        def update_spatial(scene: _Scene) -> None:
-            blend(scene, spatial_s)
-            title(
-                scene,
-                f"spatial sparsity {tuple(spatial_s.shape)}, mean {spatial_s.mean():.2f}",
-            )
-
-        def build_correlation(fig: Figure) -> _Scene:
-            ax = fig.add_subplot()
-            im = ax.imshow(
-                np.zeros((channels, channels)),
-                cmap=_DIV_CMAP,
-                vmin=-1.0,
-                vmax=1.0,
-                interpolation="nearest",
-            )
-            ax.set_xlabel("channel", fontsize=8)
-            ax.set_ylabel("channel", fontsize=8)
-            ax.tick_params(labelsize=7)
-            head = ax.set_title(" ", fontsize=9)
-            bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            bar.ax.tick_params(labelsize=7)
-            spines = list(ax.spines.values())
-            return _Scene([ax, bar.ax], [im, *spines, head], {"image": im, "title": head})
-
-        def update_correlation(scene: _Scene) -> None:
-            r, dead = self._layer_correlation(layer)
-            scene.parts["image"].set_data(r)
-            title(
-                scene,
-                f"{layer}: mean |r| {correlation_summary(r, dead):.2f}, dead {int(dead.sum())}",
-            )
-
-        def update_attribution(scene: _Scene) -> None:
-            amap = self._attribution(index, s["method"], layer)
-            scale = float(np.abs(amap).max())
-            heat = np.abs(amap) / scale if scale > 0 else np.zeros_like(amap)
-            blend(scene, heat)
-            title(scene, f"{s['method']} for class {self._class_name(self._target(index))}")
-
+        mosaic = _Mosaic.page(sel.act.shape[1:], sel.channel, self.max_maps)
+        channels = mosaic.channels
         views: dict[str, tuple[Any, Callable[[Figure], _Scene], Callable[[_Scene], None]]] = {
-            "input": (None, build_input, update_input),
-            "feature_maps": ((channels, h, w, start), build_maps, update_maps),
-            "channel_sparsity": (channels, build_channels, update_channels),
-            "spatial": (None, overlay_scene(_SEQ_CMAP), update_spatial),
-            "correlation": (channels, build_correlation, update_correlation),
-            "attribution": (None, overlay_scene(_ATTR_CMAP), update_attribution),
+            "input": (
+                None,
+                lambda fig: _build_input(fig, self.inputs[0]),
+                lambda scene: self._update_input(scene, sel.image),
+            ),
+            "feature_maps": (
+                mosaic.key,
+                lambda fig: _build_maps(fig, mosaic),
+                lambda scene: self._update_maps(scene, sel, mosaic),
+            ),
+            "channel_sparsity": (
+                channels,
+                lambda fig: _build_channels(fig, channels),
+                lambda scene: self._update_channels(scene, sel),
+            ),
+            "spatial": (
+                None,
+                lambda fig: _build_overlay(fig, _SEQ_CMAP, height, width),
+                lambda scene: self._update_spatial(scene, sel),
+            ),
+            "correlation": (
+                channels,
+                lambda fig: _build_correlation(fig, channels),
+                lambda scene: self._update_correlation(scene, sel.layer),
+            ),
+            "attribution": (
+                None,
+                lambda fig: _build_overlay(fig, _ATTR_CMAP, height, width),
+                lambda scene: self._update_attribution(scene, sel),
+            ),
         }
         for name, panel in self._views.items():
             if name in panels:
                 key, build, update = views[name]
                 panel.show(key, build, update)
+
+    def _blend(self, scene: _Scene, heat: np.ndarray, index: int) -> None:
+        """Blend ``heat`` (upsampled, in the scene's colour map) over the grey image ``index``."""
+        from matplotlib import colormaps
+
+        height, width = int(self.inputs.shape[2]), int(self.inputs.shape[3])
+        up = np.clip(upsample(heat, (height, width)), 0.0, 1.0)
+        colors = colormaps[scene.parts["cmap"]](up)[..., :3]
+        grey = self._base(index)[..., None]
+        scene.parts["image"].set_data(_HEAT_ALPHA * colors + (1.0 - _HEAT_ALPHA) * grey)
+
+    def _update_input(self, scene: _Scene, index: int) -> None:
+        arr, _ = _display_image(self.inputs[index])
+        scene.parts["image"].set_data(arr)
+        parts = [f"image {index}"]
+        if self.labels is not None:
+            parts.append(f"label {self._class_name(int(self.labels[index]))}")
+        logits = self._logits.get(index)
+        if logits is not None and logits.numel() > 1:
+            parts.append(f"pred {self._class_name(int(logits.argmax()))}")
+        _set_title(scene, ", ".join(parts))
+
+    def _update_maps(self, scene: _Scene, sel: _Selection, mosaic: _Mosaic) -> None:
+        maps = sel.act[0, mosaic.idx].numpy().astype(np.float64)
+        image = mosaic.blank()
+        h, w = mosaic.h, mosaic.w
+        for k, c in enumerate(mosaic.idx):
+            r0, c0 = mosaic.corner(k)
+            image[r0 : r0 + h, c0 : c0 + w] = maps[k]
+            scene.parts["labels"][k].set_text(f" {sel.channel_s[c]:.2f}")
+            if c == sel.channel:
+                scene.parts["frame"].set_xy((c0 - 0.5, r0 - 0.5))
+        lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
+        scene.parts["image"].set_data(image)
+        scene.parts["image"].set_clim(lo, hi if hi > lo else lo + 1)
+        first, last = mosaic.idx[0], mosaic.idx[-1]
+        _set_title(scene, f"{sel.layer}: channels {first}-{last} of {mosaic.channels}")
+
+    def _update_channels(self, scene: _Scene, sel: _Selection) -> None:
+        ch, channel_s, layer_s = sel.channel, sel.channel_s, sel.layer_s
+        for c, bar in enumerate(scene.parts["bars"]):
+            bar.set_height(float(channel_s[c]))
+            bar.set_facecolor(_HIGHLIGHT if c == ch else _NEUTRAL)
+        scene.parts["line"].set_ydata([layer_s, layer_s])
+        for text in scene.parts["legend"]:
+            text.set_text(f"layer {layer_s:.2f}")
+        _set_title(scene, f"per-channel sparsity (channel {ch}: {channel_s[ch]:.2f})")
+
+    def _update_spatial(self, scene: _Scene, sel: _Selection) -> None:
+        spatial_s = sel.spatial_s
+        self._blend(scene, spatial_s, sel.image)
+        _set_title(scene, f"spatial sparsity {tuple(spatial_s.shape)}, mean {spatial_s.mean():.2f}")
+
+    def _update_correlation(self, scene: _Scene, layer: str) -> None:
+        r, dead = self._layer_correlation(layer)
+        scene.parts["image"].set_data(r)
+        _set_title(
+            scene, f"{layer}: mean |r| {correlation_summary(r, dead):.2f}, dead {int(dead.sum())}"
+        )
+
+    def _update_attribution(self, scene: _Scene, sel: _Selection) -> None:
+        amap = self._attribution(sel.image, sel.method, sel.layer)
+        scale = float(np.abs(amap).max())
+        heat = np.abs(amap) / scale if scale > 0 else np.zeros_like(amap)
+        self._blend(scene, heat, sel.image)
+        target = self._class_name(self._target(sel.image))
+        _set_title(scene, f"{sel.method} for class {target}")
+
+
+# -- what a LayerExplorer shows, and the layouts of its panels
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """What one redraw of a :class:`LayerExplorer` shows: the choices and the image's numbers
+    in the chosen layer (activation (1, C, h, w), layer, (C,) channel and (h, w) spatial
+    sparsity)."""
+
+    layer: str
+    image: int
+    channel: int
+    method: str
+    act: Tensor
+    layer_s: float
+    channel_s: np.ndarray
+    spatial_s: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Mosaic:
+    """One page of feature maps laid out in one mosaic image (far cheaper than a grid of
+    subplots): ``idx`` are the page's channels, each map (h, w) with a label row above it."""
+
+    channels: int
+    h: int
+    w: int
+    start: int
+    idx: list[int]
+    cols: int
+    rows: int
+    pad_h: int
+    pad_w: int
+
+    @classmethod
+    def page(cls, shape: Sequence[int], channel: int, max_maps: int) -> _Mosaic:
+        """The page of a (C, h, w) activation that holds ``channel``."""
+        channels, h, w = (int(n) for n in shape)
+        start = (channel // max_maps) * max_maps
+        idx = list(range(start, min(start + max_maps, channels)))
+        cols = math.ceil(math.sqrt(len(idx)))
+        rows = math.ceil(len(idx) / cols)
+        pad_h, pad_w = max(1, round(h * 0.35)), max(1, round(w * 0.1))
+        return cls(channels, h, w, start, idx, cols, rows, pad_h, pad_w)
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """The layout: channel count, map size and first channel of the page."""
+        return (self.channels, self.h, self.w, self.start)
+
+    def corner(self, k: int) -> tuple[int, int]:
+        """(row, column) of the top-left pixel of the page's ``k``-th map."""
+        return (k // self.cols) * (self.h + self.pad_h) + self.pad_h, (k % self.cols) * (
+            self.w + self.pad_w
+        )
+
+    def blank(self) -> np.ndarray:
+        """The mosaic image with no maps in it (NaN: drawn transparent)."""
+        return np.full(
+            (self.rows * (self.h + self.pad_h), self.cols * (self.w + self.pad_w)), np.nan
+        )
+
+
+def _set_title(scene: _Scene, text: str) -> None:
+    scene.parts["title"].set_text(text)
+
+
+def _build_overlay(fig: Figure, cmap: str, height: int, width: int) -> _Scene:
+    """A heat map over the grey input. Both are blended into one RGB image by
+    ``LayerExplorer._blend`` (one image to resample per update instead of two)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    ax = fig.add_subplot()
+    im = ax.imshow(np.zeros((height, width, 3)))
+    ax.set_axis_off()
+    head = ax.set_title(" ", fontsize=9)
+    scale = ScalarMappable(Normalize(0.0, 1.0), cmap=cmap)
+    bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04, alpha=_HEAT_ALPHA)
+    bar.ax.tick_params(labelsize=7)
+    return _Scene([ax, bar.ax], [im, head], {"image": im, "cmap": cmap, "title": head})
+
+
+def _build_input(fig: Figure, image: Tensor) -> _Scene:
+    ax = fig.add_subplot()
+    arr, cmap = _display_image(image)
+    im = ax.imshow(arr, cmap=cmap, vmin=0.0, vmax=1.0)
+    ax.set_axis_off()
+    head = ax.set_title(" ", fontsize=9)
+    return _Scene([ax], [im, head], {"image": im, "title": head})
+
+
+def _build_maps(fig: Figure, mosaic: _Mosaic) -> _Scene:
+    from matplotlib.patches import Rectangle
+    from matplotlib.transforms import offset_copy
+
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    ax = fig.add_subplot()
+    im = ax.imshow(mosaic.blank(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    frame = ax.add_patch(
+        Rectangle((-0.5, -0.5), mosaic.w, mosaic.h, fill=False, ec=_HIGHLIGHT, lw=2.5)
+    )
+    # "c:" is part of the layout; the value after it is one of few texts (two decimals)
+    labels = []
+    for k, c in enumerate(mosaic.idx):
+        r0, c0 = mosaic.corner(k)
+        prefix = ax.text(c0, r0 - 0.5, f"{c}:", fontsize=7, va="bottom")
+        shift = prefix.get_window_extent(renderer).width * 72.0 / fig.dpi
+        after = offset_copy(ax.transData, fig=fig, x=shift, units="points")
+        labels.append(ax.text(c0, r0 - 0.5, " ", fontsize=7, va="bottom", transform=after))
+    ax.set_axis_off()
+    head = ax.set_title(" ", fontsize=9)
+    parts = {"image": im, "frame": frame, "labels": labels, "title": head}
+    return _Scene([ax], [im, frame, *labels, head], parts)
+
+
+def _build_channels(fig: Figure, channels: int) -> _Scene:
+    from matplotlib.text import Text
+
+    ax = fig.add_subplot()
+    bars = ax.bar(np.arange(channels), np.zeros(channels), color=_NEUTRAL, width=0.85)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlim(-0.6, channels - 0.4)
+    ax.set_xlabel("channel", fontsize=8)
+    ax.set_ylabel("sparsity", fontsize=8)
+    ax.tick_params(labelsize=7)
+    line = ax.axhline(0.0, color="black", lw=1, ls="--", label="layer 0.00")
+    legend = ax.legend(fontsize=7, loc="lower right")
+    # the legend's own text sizes its frame but is hidden; a plain Text on the same
+    # transform (placed when the legend is drawn) shows it, so it can be stamped
+    sized = legend.get_texts()[0]
+    shown = Text()
+    shown.update_from(sized)
+    shown.set_transform(sized.get_transform())
+    shown.set_zorder(legend.get_zorder() + 1)
+    ax.add_artist(shown)
+    sized.set_visible(False)
+    head = ax.set_title(" ", fontsize=9)
+    spines = list(ax.spines.values())
+    parts = {"bars": list(bars.patches), "line": line, "legend": [sized, shown], "title": head}
+    return _Scene([ax], [*bars.patches, line, *spines, legend, shown, head], parts)
+
+
+def _build_correlation(fig: Figure, channels: int) -> _Scene:
+    ax = fig.add_subplot()
+    im = ax.imshow(
+        np.zeros((channels, channels)),
+        cmap=_DIV_CMAP,
+        vmin=-1.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
+    ax.set_xlabel("channel", fontsize=8)
+    ax.set_ylabel("channel", fontsize=8)
+    ax.tick_params(labelsize=7)
+    head = ax.set_title(" ", fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.ax.tick_params(labelsize=7)
+    spines = list(ax.spines.values())
+    return _Scene([ax, bar.ax], [im, *spines, head], {"image": im, "title": head})
 
 
 # ----------------------------------------------------------------------------- TrainingMonitor
@@ -1311,87 +1418,100 @@ class EpochScrubber(_Widget):
     def _redraw(self, panels: set[str]) -> None:
         epoch, layer = self.state["epoch"], self.state["layer"]
         arrays = self._load(epoch)
-        first = self._load(self.epochs[0])
-        df = self._history
-
-        def missing(fig: Figure, what: str) -> None:
-            ax = fig.add_subplot()
-            ax.text(0.5, 0.5, f"no {what} for {layer}\nat epoch {epoch}", ha="center", va="center")
-            ax.set_axis_off()
-
-        def paint_channels(fig: Figure) -> None:
-            key = f"channel:{layer}"
-            if key not in arrays:
-                missing(fig, "per-channel sparsity")
-                return
-            ax = fig.add_subplot()
-            values = np.asarray(arrays[key], dtype=float)
-            _bars(ax, values, None, title=f"{layer}: per-channel sparsity, epoch {epoch}")
-            if key in first and self.epochs[0] != epoch:
-                base = np.asarray(first[key], dtype=float)
-                ax.scatter(
-                    np.arange(len(base)),
-                    base,
-                    marker="_",
-                    color="black",
-                    s=60,
-                    label=f"epoch {self.epochs[0]}",
-                )
-                ax.legend(fontsize=7, loc="lower right")
-            fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.9)
-
-        def paint_spatial(fig: Figure) -> None:
-            key = f"spatial:{layer}"
-            if key not in arrays:
-                missing(fig, "spatial maps")
-                return
-            maps = np.asarray(arrays[key], dtype=float)[: self.probes]
-            axes = fig.subplots(1, len(maps), squeeze=False)[0]
-            art = None
-            for k, (ax, m) in enumerate(zip(axes, maps, strict=True)):
-                title = f"probe {k}: {m.mean():.2f}"
-                if self.probe_images is not None and k < len(self.probe_images):
-                    art = _overlay(
-                        ax, self.probe_images[k], m, cmap=_SEQ_CMAP, vmin=0, vmax=1, title=title
-                    )
-                else:
-                    art = ax.imshow(m, cmap=_SEQ_CMAP, vmin=0, vmax=1)
-                    ax.set_title(title, fontsize=9)
-                    ax.set_axis_off()
-            if art is not None:
-                fig.colorbar(art, ax=list(axes), fraction=0.03, pad=0.02)
-            fig.suptitle(f"{layer}: spatial sparsity maps, epoch {epoch}", fontsize=9)
-
-        def paint_correlation(fig: Figure) -> None:
-            key = f"correlation:{layer}"
-            if key not in arrays:
-                missing(fig, "correlation matrix")
-                return
-            r = np.asarray(arrays[key], dtype=float)
-            ax = fig.add_subplot()
-            dead = ~np.any(r != 0, axis=1)
-            _correlation_image(
-                fig, ax, r, f"{layer}, epoch {epoch}: mean |r| {correlation_summary(r, dead):.2f}"
-            )
-            fig.subplots_adjust(left=0.12, right=0.86, bottom=0.13, top=0.9)
-
-        painters: dict[str, Callable[[Figure], None]] = {
-            "channel_sparsity": paint_channels,
-            "spatial": paint_spatial,
-            "correlation": paint_correlation,
+        painters: dict[str, Callable[[int, str, Mapping[str, np.ndarray], Figure], None]] = {
+            "channel_sparsity": self._paint_channels,
+            "spatial": self._paint_spatial,
+            "correlation": self._paint_correlation,
         }
         if "heatmap" in panels:
             self._update_heatmap(epoch, layer)
         for name, paint in painters.items():
             if name in panels:
-                self._panels[name].draw(paint)
+                self._panels[name].draw(partial(paint, epoch, layer, arrays))
+        self._status(self._status_line(epoch, layer))
+
+    def _status_line(self, epoch: int, layer: str) -> str:
+        """The epoch, the layer and that epoch's test loss, accuracy and layer sparsity."""
+        df = self._history
         row = df[df["epoch"] == epoch] if "epoch" in df.columns else df.iloc[:0]
         info = [f"epoch <b>{epoch}</b>", f"layer <b>{layer}</b>"]
         if len(row):
             for key in ("test_loss", "test_acc", f"sparsity:{layer}"):
                 if key in row.columns and np.isfinite(float(row[key].iloc[0])):
                     info.append(f"{key} {float(row[key].iloc[0]):.4g}")
-        self._status(", ".join(info))
+        return ", ".join(info)
+
+    @staticmethod
+    def _missing(fig: Figure, what: str, epoch: int, layer: str) -> None:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, f"no {what} for {layer}\nat epoch {epoch}", ha="center", va="center")
+        ax.set_axis_off()
+
+    def _paint_channels(
+        self, epoch: int, layer: str, arrays: Mapping[str, np.ndarray], fig: Figure
+    ) -> None:
+        """Per-channel sparsity at ``epoch``; black ticks: the first epoch with arrays."""
+        key = f"channel:{layer}"
+        if key not in arrays:
+            self._missing(fig, "per-channel sparsity", epoch, layer)
+            return
+        first = self._load(self.epochs[0])
+        ax = fig.add_subplot()
+        values = np.asarray(arrays[key], dtype=float)
+        _bars(ax, values, None, title=f"{layer}: per-channel sparsity, epoch {epoch}")
+        if key in first and self.epochs[0] != epoch:
+            base = np.asarray(first[key], dtype=float)
+            ax.scatter(
+                np.arange(len(base)),
+                base,
+                marker="_",
+                color="black",
+                s=60,
+                label=f"epoch {self.epochs[0]}",
+            )
+            ax.legend(fontsize=7, loc="lower right")
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.9)
+
+    def _paint_spatial(
+        self, epoch: int, layer: str, arrays: Mapping[str, np.ndarray], fig: Figure
+    ) -> None:
+        """The spatial sparsity maps over the probe images (or alone, without them)."""
+        key = f"spatial:{layer}"
+        if key not in arrays:
+            self._missing(fig, "spatial maps", epoch, layer)
+            return
+        maps = np.asarray(arrays[key], dtype=float)[: self.probes]
+        axes = fig.subplots(1, len(maps), squeeze=False)[0]
+        art = None
+        for k, (ax, m) in enumerate(zip(axes, maps, strict=True)):
+            title = f"probe {k}: {m.mean():.2f}"
+            if self.probe_images is not None and k < len(self.probe_images):
+                art = _overlay(
+                    ax, self.probe_images[k], m, cmap=_SEQ_CMAP, vmin=0, vmax=1, title=title
+                )
+            else:
+                art = ax.imshow(m, cmap=_SEQ_CMAP, vmin=0, vmax=1)
+                ax.set_title(title, fontsize=9)
+                ax.set_axis_off()
+        if art is not None:
+            fig.colorbar(art, ax=list(axes), fraction=0.03, pad=0.02)
+        fig.suptitle(f"{layer}: spatial sparsity maps, epoch {epoch}", fontsize=9)
+
+    def _paint_correlation(
+        self, epoch: int, layer: str, arrays: Mapping[str, np.ndarray], fig: Figure
+    ) -> None:
+        """The layer's C x C filter correlation at ``epoch``."""
+        key = f"correlation:{layer}"
+        if key not in arrays:
+            self._missing(fig, "correlation matrix", epoch, layer)
+            return
+        r = np.asarray(arrays[key], dtype=float)
+        ax = fig.add_subplot()
+        dead = ~np.any(r != 0, axis=1)
+        _correlation_image(
+            fig, ax, r, f"{layer}, epoch {epoch}: mean |r| {correlation_summary(r, dead):.2f}"
+        )
+        fig.subplots_adjust(left=0.12, right=0.86, bottom=0.13, top=0.9)
 
 
 # ----------------------------------------------------------------------------- RunComparison

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure Debian's Chromium is installed for the browser test (tests/test_browser.py),
-# and g++ for the compiled kernel's tests.
+# g++ for the compiled kernel's tests and Debian's Fashion-MNIST for the data tests.
 #
 # The test drives the system Chromium with Playwright; it never downloads a browser.
 # - chromium already on PATH: nothing to do.
@@ -15,6 +15,15 @@ if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-ge
     echo "installing g++ with apt-get (for the compiled kernel's tests) ..."
     DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ || echo "g++ not installed" >&2
+fi
+
+# Debian's Fashion-MNIST (70,000 real images, IDX .gz; no download at run time) for the data
+# tests and the study. Where it cannot be installed those tests skip and say how to enable it.
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's dataset-fashion-mnist with apt-get (data tests, study) ..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist || \
+        echo "dataset-fashion-mnist not installed" >&2
 fi
 
 find_chromium() {

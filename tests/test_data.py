@@ -101,3 +101,35 @@ def test_imagefolder(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = load_data("imagefolder", root=tmp_path, train_size=8, probe_size=6, image_size=16)
     assert data.class_names == ["cat", "dog"] and len(data.test) == 10
     assert data.train[0][0].shape == (3, 16, 16)
+
+
+def test_val_split_is_disjoint_and_leaves_training_images_unchanged() -> None:
+    def images(ds: object) -> set[bytes]:
+        return {bytes(x.numpy().tobytes()) for x in ds.tensors[0]}  # type: ignore[attr-defined]
+
+    plain = load_data("mnist5k", train_size=200, probe_size=100, test_size=300, seed=3)
+    with_val = load_data(
+        "mnist5k", train_size=200, probe_size=100, test_size=300, seed=3, val_size=150
+    )
+    rest = load_data("mnist5k", train_size=200, probe_size=100, seed=3, val_size=150)
+    assert plain.val is None and len(with_val.val) == 150  # type: ignore[arg-type]
+    for bundle in (with_val, rest):
+        assert torch.equal(bundle.train.tensors[0], plain.train.tensors[0])  # type: ignore[attr-defined]
+        assert torch.equal(bundle.probe.tensors[0], plain.probe.tensors[0])  # type: ignore[attr-defined]
+        val = images(bundle.val)
+        assert len(val) == 150
+        for other in (bundle.train, bundle.probe, bundle.test):
+            assert not val & images(other)
+    assert torch.equal(with_val.test.tensors[0], plain.test.tensors[0])  # type: ignore[attr-defined]
+    assert len(rest.test) == 5000 - 200 - 100 - 150
+    labels = with_val.val.tensors[1]  # type: ignore[union-attr]
+    assert torch.bincount(labels, minlength=10).tolist() == [15] * 10  # stratified
+
+
+def test_val_size_errors_name_the_setting_and_the_count() -> None:
+    with pytest.raises(XaiSparsityError, match=r"val_size=5000 is more than the 4699 images"):
+        load_data("mnist5k", train_size=200, probe_size=100, val_size=5000)
+    with pytest.raises(XaiSparsityError, match=r"val_size=4501 is more than the 4500 images"):
+        load_data("mnist5k", train_size=200, probe_size=100, test_size=200, val_size=4501)
+    with pytest.raises(XaiSparsityError, match=r"val_size=-1"):
+        load_data("mnist5k", train_size=200, val_size=-1)

@@ -7,7 +7,11 @@
 - ``probe``: a fixed held-out set, disjoint from ``test``, on which sparsity is measured every
   epoch (the same images every epoch);
 - ``train_probe``: a fixed subset of the training inputs (no augmentation), for the gap between
-  sparsity on training and on held-out inputs.
+  sparsity on training and on held-out inputs;
+- ``val`` (``val_size > 0``; else ``None``): a validation split carved from the training pool,
+  disjoint from every other split. The training images are the same with and without it (it is
+  drawn after them from the same seeded generator); with an explicit ``test_size`` the test and
+  probe images are the same too.
 
 Datasets (``name``):
 
@@ -99,11 +103,13 @@ class DataBundle:
     class_names: list[str]
     mean: tuple[float, ...] = field(default=(0.0,))
     std: tuple[float, ...] = field(default=(1.0,))
+    val: Dataset[Any] | None = None
 
     def describe(self) -> str:
         """One line: name, split sizes and image shape."""
+        splits = ("train", "val", "test", "probe", "train_probe")
         sizes = ", ".join(
-            f"{k}={len(getattr(self, k))}" for k in ("train", "test", "probe", "train_probe")
+            f"{k}={len(getattr(self, k))}" for k in splits if getattr(self, k) is not None
         )
         h, w = self.image_size
         return (
@@ -205,6 +211,73 @@ def stratified_split(
     return parts
 
 
+def _check_val_size(val_size: int, available: int, where: str) -> None:
+    if val_size > available:
+        raise XaiSparsityError(
+            f"val_size={val_size} is more than the {max(available, 0)} images left for a "
+            f"validation split ({where})"
+        )
+
+
+def pool_split(
+    labels: np.ndarray,
+    *,
+    train_size: int,
+    probe_size: int,
+    test_size: int | None,
+    val_size: int,
+    seed: int,
+    name: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, probe, test, val) indices of one pool. Train and probe are drawn first, so they
+    do not depend on ``val_size``; with an explicit ``test_size`` the validation images are drawn
+    last and the test images do not depend on it either; with ``test_size=None`` the test set is
+    what remains after the validation images."""
+    if val_size <= 0:
+        train, probe, test = stratified_split(labels, [train_size, probe_size, test_size], seed)
+        return train, probe, test, np.zeros(0, dtype=np.int64)
+    left = len(labels) - train_size - probe_size - (test_size if test_size is not None else 1)
+    _check_val_size(
+        val_size,
+        left,
+        f"dataset {name!r} has {len(labels)} images; train_size={train_size}, "
+        f"probe_size={probe_size}, test_size={test_size} (None keeps at least 1 for testing)",
+    )
+    if test_size is not None:
+        train, probe, test, val = stratified_split(
+            labels, [train_size, probe_size, test_size, val_size], seed
+        )
+    else:
+        train, probe, val, test = stratified_split(
+            labels, [train_size, probe_size, val_size, None], seed
+        )
+    return train, probe, test, val
+
+
+def train_split(
+    labels: np.ndarray, train_size: int | None, val_size: int, seed: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of a training split of its own (the held-out images come from a
+    separate test split); the validation images are drawn after the training images."""
+    if train_size is None:
+        if val_size > 0:
+            raise XaiSparsityError(
+                f"val_size={val_size} needs an explicit train_size for dataset {name!r} (with "
+                "train_size=None every training image is used for training)"
+            )
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    if val_size <= 0:
+        (train,) = stratified_split(labels, [train_size], seed)
+        return train, np.zeros(0, dtype=np.int64)
+    _check_val_size(
+        val_size,
+        len(labels) - train_size,
+        f"the training split of {name!r} has {len(labels)} images; train_size={train_size}",
+    )
+    train, val = stratified_split(labels, [train_size, val_size], seed)
+    return train, val
+
+
 # ----------------------------------------------------------------------------------------------
 # Embedded and packaged arrays
 
@@ -300,6 +373,7 @@ def _tensor_bundle(
     train_size: int | None,
     test_size: int | None,
     probe_size: int,
+    val_size: int = 0,
     seed: int,
     augment: bool,
     class_names: list[str],
@@ -310,15 +384,18 @@ def _tensor_bundle(
     if same_pool:
         if train_size is None:
             raise XaiSparsityError(f"dataset {name!r} needs an explicit train_size")
-        train_idx, probe_idx, test_idx = stratified_split(
-            train_y, [train_size, probe_size, test_size], seed
+        train_idx, probe_idx, test_idx, val_idx = pool_split(
+            train_y,
+            train_size=train_size,
+            probe_size=probe_size,
+            test_size=test_size,
+            val_size=val_size,
+            seed=seed,
+            name=name,
         )
         held_x, held_y = train_x, train_y
     else:
-        if train_size is None:
-            train_idx = np.arange(len(train_y))
-        else:
-            (train_idx,) = stratified_split(train_y, [train_size], seed)
+        train_idx, val_idx = train_split(train_y, train_size, val_size, seed, name)
         probe_idx, test_idx = stratified_split(held_y, [probe_size, test_size], seed + 1)
     tx = _to_tensor(train_x[train_idx], mean, std)
     ty = torch.from_numpy(train_y[train_idx]).long()
@@ -338,7 +415,13 @@ def _tensor_bundle(
         _to_tensor(held_x[test_idx], mean, std), torch.from_numpy(held_y[test_idx]).long()
     )
     h, w = int(tx.shape[-2]), int(tx.shape[-1])
+    val = None
+    if len(val_idx):
+        val = TensorDataset(
+            _to_tensor(train_x[val_idx], mean, std), torch.from_numpy(train_y[val_idx]).long()
+        )
     return DataBundle(
+        val=val,
         train=train,
         test=test,
         probe=probe,
@@ -378,6 +461,7 @@ def _torchvision_bundle(
     train_size: int | None,
     test_size: int | None,
     probe_size: int,
+    val_size: int = 0,
     seed: int,
     augment: bool,
     download: bool,
@@ -418,10 +502,7 @@ def _torchvision_bundle(
         raise XaiSparsityError(f"{_missing_message(name, root)} ({err})") from err
     train_labels = np.asarray(train_full.targets, dtype=np.int64)
     held_labels = np.asarray(held.targets, dtype=np.int64)
-    if train_size is None:
-        train_idx = np.arange(len(train_labels))
-    else:
-        (train_idx,) = stratified_split(train_labels, [train_size], seed)
+    train_idx, val_idx = train_split(train_labels, train_size, val_size, seed, name)
     probe_idx, test_idx = stratified_split(held_labels, [probe_size, test_size], seed + 1)
     n_tp = min(probe_size, len(train_idx))
     classes = list(
@@ -429,6 +510,7 @@ def _torchvision_bundle(
     )
     x0, _ = held[0]
     return DataBundle(
+        val=Subset(train_plain, val_idx.tolist()) if len(val_idx) else None,
         train=Subset(train_full, train_idx.tolist()),
         test=Subset(held, test_idx.tolist()),
         probe=Subset(held, probe_idx.tolist()),
@@ -449,6 +531,7 @@ def _imagefolder_bundle(
     train_size: int | None,
     test_size: int | None,
     probe_size: int,
+    val_size: int = 0,
     seed: int,
     augment: bool,
     image_size: int,
@@ -484,10 +567,9 @@ def _imagefolder_bundle(
             held = tvd.ImageFolder(str(held_dir), transform=plain)
             train_labels = np.asarray(train_full.targets, dtype=np.int64)
             held_labels = np.asarray(held.targets, dtype=np.int64)
-            if train_size is None:
-                train_idx = np.arange(len(train_labels))
-            else:
-                (train_idx,) = stratified_split(train_labels, [train_size], seed)
+            train_idx, val_idx = train_split(
+                train_labels, train_size, val_size, seed, "imagefolder"
+            )
             probe_idx, test_idx = stratified_split(held_labels, [probe_size, test_size], seed + 1)
         else:
             train_full = tvd.ImageFolder(str(base), transform=aug)
@@ -498,13 +580,20 @@ def _imagefolder_bundle(
                 raise XaiSparsityError(
                     "imagefolder with a single folder needs train_size (the rest is held out)"
                 )
-            train_idx, probe_idx, test_idx = stratified_split(
-                labels, [train_size, probe_size, test_size], seed
+            train_idx, probe_idx, test_idx, val_idx = pool_split(
+                labels,
+                train_size=train_size,
+                probe_size=probe_size,
+                test_size=test_size,
+                val_size=val_size,
+                seed=seed,
+                name="imagefolder",
             )
     except (FileNotFoundError, RuntimeError) as err:
         raise XaiSparsityError(f"imagefolder root={str(root)!r}: {err}") from err
     n_tp = min(probe_size, len(train_idx))
     return DataBundle(
+        val=Subset(train_plain, val_idx.tolist()) if len(val_idx) else None,
         train=Subset(train_full, train_idx.tolist()),
         test=Subset(held, test_idx.tolist()),
         probe=Subset(held, probe_idx.tolist()),
@@ -534,6 +623,7 @@ def load_data(
     augment: bool = False,
     download: bool = False,
     image_size: int = 64,
+    val_size: int = 0,
 ) -> DataBundle:
     """Load a dataset as fixed, seeded train / test / probe / train_probe splits.
 
@@ -547,6 +637,8 @@ def load_data(
         augment: random shifts (digits) or crops + flips (CIFAR, image folders); off by default.
         download: let torchvision download missing data into ``root``.
         image_size: side length images of an ``"imagefolder"`` are resized and cropped to.
+        val_size: validation images carved from the training pool (0: none), disjoint from the
+            other splits; the training images do not depend on it (see the module docstring).
 
     Returns:
         A :class:`DataBundle`; images are float32 (C, H, W), normalised per dataset.
@@ -557,10 +649,13 @@ def load_data(
             raise XaiSparsityError(f"{key}={value!r} must be a positive integer or None")
     if not isinstance(probe_size, int) or probe_size < 1:
         raise XaiSparsityError(f"probe_size={probe_size!r} must be a positive integer")
+    if not isinstance(val_size, int) or val_size < 0:
+        raise XaiSparsityError(f"val_size={val_size!r} must be an integer >= 0")
     common: dict[str, Any] = {
         "train_size": train_size,
         "test_size": test_size,
         "probe_size": probe_size,
+        "val_size": val_size,
         "seed": seed,
         "augment": augment,
     }

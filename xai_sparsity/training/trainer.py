@@ -91,7 +91,10 @@ class TrainConfig:
     """Every setting of a run. Round-trips through JSON (``to_dict`` / ``from_dict``) and TOML.
 
     Data: ``data`` (see :data:`xai_sparsity.training.data.DATASETS`), ``data_root``, ``train_size``,
-    ``test_size``, ``probe_size``, ``augment``, ``download``.
+    ``test_size``, ``probe_size``, ``augment``, ``download``, ``val_size`` (0: none; else that
+    many validation images carved from the training pool, disjoint from the training, probe and
+    test images, the training images unchanged; each epoch records ``val_loss`` and
+    ``val_acc``).
     Model: ``model`` ("cnn", "resnet18", "vgg11"), ``widths``, ``hidden``, ``dropout``,
     ``batch_norm``.
     Optimisation: ``epochs``, ``batch_size``, ``optimizer`` ("sgd", "adam", "adamw"), ``lr``,
@@ -118,6 +121,7 @@ class TrainConfig:
     probe_size: int = 500
     augment: bool = False
     download: bool = False
+    val_size: int = 0
 
     model: str = "cnn"
     widths: list[int] = field(default_factory=lambda: [16, 16, 32, 32])
@@ -187,6 +191,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive(name, v)
+        if self.val_size < 0:
+            raise XaiSparsityError(f"val_size={self.val_size!r} must be >= 0 (0: no validation)")
         if self.spatial_images < 0:
             raise XaiSparsityError(f"spatial_images={self.spatial_images!r} must be >= 0")
         if self.num_workers < 0:
@@ -651,6 +657,8 @@ class _Session:
     probe_x: Tensor
     probe_y: Tensor
     train_probe_x: Tensor
+    val_x: Tensor | None  # the validation split (val_size > 0), else None
+    val_y: Tensor | None
     layers_spec: Any
     penalty: Any  # SparsityPenalty or None
     penalty_layers: list[str]
@@ -675,6 +683,7 @@ def _load_data(cfg: TrainConfig, rank: int, world: int) -> Any:
         seed=cfg.seed,
         augment=cfg.augment,
         download=cfg.download and rank == 0,
+        val_size=cfg.val_size,
     )
     if rank == 0:
         _barrier(world)
@@ -762,6 +771,13 @@ def _set_up(
     test_x, test_y = (t.to(device) for t in _stack(data.test))
     probe_x, probe_y = (t.to(device) for t in _stack(data.probe))
     train_probe_x = _stack(data.train_probe)[0].to(device)
+    val_x = val_y = None
+    if cfg.val_size > 0:
+        if getattr(data, "val", None) is None:
+            raise XaiSparsityError(
+                f"val_size={cfg.val_size} but the data bundle passed to train has no val split"
+            )
+        val_x, val_y = (t.to(device) for t in _stack(data.val))
     penalty, penalty_layers = _make_penalty(cfg, core, probe_x[:2])
     ddp_model: nn.Module = core
     if world > 1:
@@ -789,6 +805,8 @@ def _set_up(
         probe_x=probe_x,
         probe_y=probe_y,
         train_probe_x=train_probe_x,
+        val_x=val_x,
+        val_y=val_y,
         layers_spec=_measured_layer_spec(cfg),
         penalty=penalty,
         penalty_layers=penalty_layers,
@@ -889,23 +907,18 @@ def _penalty_step(
     return pen
 
 
-def _evaluate_epoch(s: _Session) -> tuple[float, float]:
-    """(test loss, test accuracy) of the model now, sharded over the ranks."""
+def _evaluate_epoch(s: _Session, split: str = "test") -> tuple[float, float]:
+    """(loss, accuracy) of the model now on the ``"test"`` or ``"val"`` split, sharded over the
+    ranks."""
     model = s.ddp_model if s.world == 1 else s.core
-    return _evaluate(
-        model,
-        s.test_x,
-        s.test_y,
-        s.cfg.eval_batch_size,
-        s.rank,
-        s.world,
-        s.device,
-        s.amp,
-    )
+    x, y = (s.test_x, s.test_y) if split == "test" else (s.val_x, s.val_y)
+    assert x is not None and y is not None
+    return _evaluate(model, x, y, s.cfg.eval_batch_size, s.rank, s.world, s.device, s.amp)
 
 
-def _record(s: _Session, epoch: int, row: dict[str, Any]) -> None:
-    """Rank 0: the probe statistics into ``row``, the arrays, the history row and, on a new
+def _record(s: _Session, epoch: int, row: dict[str, Any], late: Mapping[str, Any]) -> None:
+    """Rank 0: the probe statistics into ``row``, then the ``late`` columns (validation and
+    competitor signals, after every older column), the arrays, the history row and, on a new
     best test loss, ``checkpoints/best.pt``."""
     if s.rank != 0:
         return
@@ -922,6 +935,7 @@ def _record(s: _Session, epoch: int, row: dict[str, Any]) -> None:
         batch_size=cfg.eval_batch_size,
     )
     row.update(cols)
+    row.update(late)
     if want_arrays:
         s.run.save_arrays(epoch, arrays)
     s.run.append_history(row)
@@ -978,7 +992,10 @@ def _run_epochs(
             row, extra = _train_epoch(s, epoch)
             test_loss, test_acc = _evaluate_epoch(s)
             row.update(test_loss=test_loss, test_acc=test_acc, **extra)
-            _record(s, epoch, row)
+            late: dict[str, Any] = {}
+            if s.val_x is not None:
+                late["val_loss"], late["val_acc"] = _evaluate_epoch(s, "val")
+            _record(s, epoch, row, late)
             s.epoch_times.append(time.perf_counter() - t0)
             _checkpoint(s, epoch)
             if bar is not None:
@@ -1072,6 +1089,10 @@ def _gather_rng(world: int) -> Any:
     return gathered
 
 
+_NEW_FIELD_DEFAULTS: dict[str, Any] = {"val_size": 0}
+"""Fields added after runs were written: a run without them had these values."""
+
+
 def _prepare_run_dir(
     cfg: TrainConfig, path: Path, rank: int, world: int, *, overwrite: bool
 ) -> RunDir:
@@ -1087,7 +1108,7 @@ def _prepare_run_dir(
         has_run = run.history_path.exists() or run.checkpoint_path("last").exists() or bool(old_cfg)
         if has_run:
             old = (
-                {k: old_cfg.get(k) for k in settings}
+                {k: old_cfg.get(k, _NEW_FIELD_DEFAULTS.get(k)) for k in settings}
                 if old_cfg.get("source") == "trainer"
                 else None
             )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import html
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,6 +39,11 @@ from xai_sparsity.base.modules import eval_mode, model_device, unwrap
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from xai_sparsity.measuring.engine import Plan, Sums
+
+StatsFn = Callable[[str, Tensor, "dict[str, Tensor]", "Sums | None"], None]
+"""``stats_fn(name, output, values, sums)`` of :func:`capture` (reduce mode)."""
 
 __all__ = [
     "Capture",
@@ -518,14 +522,9 @@ def _check_measure_options(
 def scope_applies(scope: str, out: Tensor) -> bool:
     """Whether ``scope`` gives N >= 2 units for ``out`` (B, C, ...): (B, F) outputs have no
     channel/spatial scope, a 1x1 map no channel scope, a one-channel map no spatial scope."""
-    shape = out.shape
-    if scope == "layer":
-        return math.prod(shape[1:]) >= 2 if out.dim() >= 2 else False
-    if out.dim() < 3:
-        return False
-    if scope == "channel":
-        return math.prod(shape[2:]) >= 2
-    return shape[1] >= 2
+    from xai_sparsity.measuring.engine import scope_size
+
+    return scope_size(scope, out.shape) >= 2
 
 
 _RELU_FEEDS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
@@ -591,6 +590,7 @@ class Capture:
         on_reuse: str = "per_call",
         check_finite: bool = True,
         kernel: str | None = None,
+        stats_fn: StatsFn | None = None,
     ) -> None:
         self.mode = check_choice("mode", mode, MODES)
         if kernel is not None:
@@ -614,7 +614,7 @@ class Capture:
             for m in self.measures:
                 check_choice("measure", m, tuple(MEASURES))
             _check_measure_options(options, MEASURES)
-            if not self.measures and reduce_fn is None:
+            if not self.measures and reduce_fn is None and stats_fn is None:
                 raise XaiSparsityError("mode='reduce' needs measures=(...) or a reduce_fn")
             if not self.scopes and self.measures:
                 raise XaiSparsityError("mode='reduce' needs at least one scope")
@@ -629,6 +629,12 @@ class Capture:
                 )
         if reduce_fn is not None and not callable(reduce_fn):
             raise XaiSparsityError(f"reduce_fn must be callable(name, output), got {reduce_fn!r}")
+        if stats_fn is not None and (mode != "reduce" or not callable(stats_fn)):
+            raise XaiSparsityError(
+                f"stats_fn must be callable(name, output, values, sums) with mode='reduce', "
+                f"got {stats_fn!r} with mode={mode!r}"
+            )
+        self.stats_fn = stats_fn
         self.measure_options: dict[str, dict[str, Any]] = {m: dict(o) for m, o in options.items()}
         self.offload = bool(offload)
         self.clone = bool(clone)
@@ -650,14 +656,12 @@ class Capture:
         self._calls: dict[str, int] = {}
         self._forwards = 0
         self._pending_sync = False
-        self._fast = self._fast_plan()
-        self._fast_relu = any(t == "relu" for *_, t in self._fast)  # needs the relu(x) sums
-        self._fast_channel = any(sc == "channel" for _, sc, _, _ in self._fast)
-        # conv -> ReLU sharing (see _record): the last measured output, the layers whose output
-        # a measured ReLU consumes, and the relu(x) sums of the last such output
+        self._plan = self._engine_plan()
+        # layer -> ReLU sharing (see _engine_values): the last measured output, the layers whose
+        # output a measured ReLU consumes, and the relu(x) sums of the last such output
         self._last: tuple[str, weakref.ReferenceType[Tensor], int] | None = None
         self._feeds_relu: set[str] = _RELU_FEEDS.setdefault(self._root, set())
-        self._pos_sums: tuple[weakref.ReferenceType[Tensor], int, Any] | None = None
+        self._pos_sums: tuple[weakref.ReferenceType[Tensor], int, Sums] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -755,38 +759,23 @@ class Capture:
         self._pending_sync = True
         return t.to("cpu", non_blocking=True)
 
-    def _fast_plan(self) -> list[tuple[str, str, str, str]]:
-        """(measure, scope, kind, transform) of the requested values that the unit-sums kernel
-        computes (entropy measures, layer and channel scope); the rest go through the measure
-        functions."""
-        if self.mode != "reduce" or self.differentiable:
-            return []
-        from xai_sparsity.measuring.measures import TRANSFORMS, VARIANTS
+    def _engine_plan(self) -> Plan | None:
+        """The measures x scopes that the statistics engine computes in the hook (reduce mode
+        without autograd); the rest go through the measure functions."""
+        if self.mode != "reduce" or self.differentiable or not self.measures:
+            return None
+        from xai_sparsity.measuring.engine import Plan
 
-        plan: list[tuple[str, str, str, str]] = []
-        for m in self.measures:
-            if m not in ("perplexity", "entropy"):
-                continue
-            opts = self.measure_options.get(m, {})
-            kind = "entropy" if m == "entropy" else str(opts.get("variant", "normalized"))
-            transform = str(opts.get("transform", "abs"))
-            if (kind != "entropy" and kind not in VARIANTS) or transform not in TRANSFORMS:
-                continue  # left to the measure function, which names the valid choices
-            plan.extend((m, s, kind, transform) for s in self.scopes if s in ("layer", "channel"))
-        return plan
+        plan = Plan(
+            self.measures, self.scopes, self.measure_options, channel=self.stats_fn is not None
+        )
+        return plan if plan else None
 
-    def _fast_values(
-        self, name: str, out: Tensor, module: nn.Module | None, args: Any
-    ) -> dict[str, Tensor]:
-        """The values of ``self._fast`` from one pass of the unit-sums kernel (CPU, no autograd).
-
-        A ReLU whose input is the output just measured (a conv, a linear layer, ...) is measured
-        from that pass: its output is relu(input), whose sums the kernel computed alongside
-        (``split``) once the pairing was seen in a first forward. Returns {} to fall back to the
-        measure functions (non-finite output: the measure functions report it).
-        """
-        from xai_sparsity.measuring.engine import layer_and_channel, sums_finite, unit_sums
-
+    def _shared_sums(self, module: nn.Module | None, args: Any) -> Sums | None:
+        """The sums of a ``nn.ReLU``'s output computed by the pass of its input, when that input
+        is the output measured just before (same tensor; ``_version`` unchanged, or +1 for
+        ``inplace=True``). Learns the pairing on a first forward (kept per model in
+        ``_RELU_FEEDS``: the next pass of that layer adds the relu(x) sums)."""
         inp = args[0] if args and isinstance(args[0], Tensor) else None
         pos = None
         if type(module) is nn.ReLU and inp is not None and not inp.is_inference():
@@ -794,44 +783,63 @@ class Capture:
             if self._pos_sums is not None:
                 ref, version, sums = self._pos_sums
                 if ref() is inp and version == want:
-                    pos = sums
+                    pos = sums.positive()  # relu output: |a| = relu(a) = relu(input)
             if pos is None and self._last is not None:
                 src, ref, version = self._last
                 if ref() is inp and version == want:
-                    self._feeds_relu.add(src)  # next forward: measure src with split=True
+                    self._feeds_relu.add(src)
         self._pos_sums = None
-        if pos is not None:
-            sums, positive = pos, True  # relu output: |a| = relu(a) = relu(input)
-        else:
-            split = self._fast_relu or name in self._feeds_relu
-            per_unit = out.dim() >= 3 and self._fast_channel
-            sums = unit_sums(out, split=split, per_unit=per_unit, kernel=self.kernel)
-            if not sums_finite(sums):
+        return pos
+
+    def _engine_values(
+        self, plan: Plan, name: str, out: Tensor, module: nn.Module | None, args: Any
+    ) -> tuple[dict[str, Tensor], Sums | None]:
+        """The values of ``plan`` from one pass of the statistics engine over ``out`` (or from
+        the pass of the layer before, for a ReLU; see :meth:`_shared_sums`). Returns ({}, None)
+        to fall back to the measure functions: CPU output with NaN/Inf (they report it; on
+        accelerators the check would wait for the device, and the values hold the NaN)."""
+        from xai_sparsity.measuring.engine import batch_sums, sums_finite
+
+        sums = self._shared_sums(module, args)
+        if sums is None:
+            relu = name in self._feeds_relu
+            sums = batch_sums(out, plan.request(out, relu=relu), kernel=self.kernel)
+            if out.device.type == "cpu" and not sums_finite(sums):
                 self._last = None
-                return {}
-            out_version = _version_of(out)
-            if out_version is None:  # inference mode: no version counter, so no sharing
+                return {}, None
+            version = _version_of(out)
+            if version is None:  # inference mode: no version counter, so no sharing
                 self._last = None
             else:
-                if name in self._feeds_relu:
-                    self._pos_sums = (weakref.ref(out), out_version, sums)
-                self._last = (name, weakref.ref(out), out_version)
-            positive = False
-        positions = math.prod(out.shape[1:]) // sums.s.shape[1]  # per unit of the sums
-        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+                if relu:
+                    self._pos_sums = (weakref.ref(out), version, sums)
+                self._last = (name, weakref.ref(out), version)
+        return plan.values(sums, out), sums
+
+    def _reduce(
+        self, name: str, out: Tensor, module: nn.Module | None, args: Any
+    ) -> dict[str, Tensor]:
+        """Every requested measure x scope of one output, keyed ``f"{measure}:{scope}"``."""
+        fast: dict[str, Tensor] = {}
+        sums = None
+        if self._plan is not None and out.is_floating_point():
+            with torch.no_grad():
+                fast, sums = self._engine_values(self._plan, name, out, module, args)
+        grad = torch.enable_grad() if self.differentiable else torch.no_grad()
+        assert self._measure_fn is not None or not self.measures
         values: dict[str, Tensor] = {}
-        cache: dict[tuple[str, bool, str], Tensor | None] = {}
-        for m, scope, kind, transform in self._fast:
-            if not scope_applies(scope, out):
-                continue
-            key = (kind, positive or transform == "relu", scope)
-            if key not in cache:
-                cache[key] = layer_and_channel(
-                    sums, positions, kind, positive=key[1], scopes=(scope,)
-                ).get(scope)
-            v = cache[key]
-            if v is not None:
-                values[f"{m}:{scope}"] = v.to(dtype)
+        with grad:
+            for m in self.measures:
+                opts = {**self.measure_options.get(m, {}), "check_finite": False}
+                for s in self.scopes:  # check_finite: lazily on access, no host sync here
+                    key = f"{m}:{s}"
+                    if key in fast:
+                        values[key] = self._to_host(fast[key])
+                    elif scope_applies(s, out):
+                        assert self._measure_fn is not None
+                        values[key] = self._to_host(self._measure_fn(m, out, s, **opts))
+        if self.stats_fn is not None:
+            self.stats_fn(name, out, values, sums)
         return values
 
     def _record(
@@ -840,9 +848,9 @@ class Capture:
         out = _first_tensor(name, output)
         self._seen.add(name)
         k = self._call_index(name)
+        call_name = name if abs(k) == 0 else f"{name}#{abs(k)}"
         if self.reduce_fn is not None:
-            kk = abs(k)
-            self.reduce_fn(name if kk == 0 else f"{name}#{kk}", out)
+            self.reduce_fn(call_name, out)
         if self.mode == "keep":
             t = out.detach()
             if self.clone:
@@ -850,23 +858,9 @@ class Capture:
             t = self._to_host(t)
             self._store(self._chunks, name, k, _Chunk(t))
             return
+        values = self._reduce(call_name, out, module, args)
         if not self.measures:
             return
-        grad = torch.enable_grad() if self.differentiable else torch.no_grad()
-        values: dict[str, Tensor] = {}
-        if self._fast and out.device.type == "cpu" and out.is_floating_point():
-            with torch.no_grad():
-                values = self._fast_values(name, out, module, args)
-        assert self._measure_fn is not None
-        extra = {"check_finite": False}  # checked lazily on access: no host sync in the hook
-        with grad:
-            for m in self.measures:
-                opts = {**self.measure_options.get(m, {}), **extra}
-                for s in self.scopes:
-                    if f"{m}:{s}" in values or not scope_applies(s, out):
-                        continue
-                    v = self._measure_fn(m, out, s, **opts)
-                    values[f"{m}:{s}"] = self._to_host(v)
         if k < 0:
             store = self._stat_chunks[(name, 0)]
             for key, v in values.items():
@@ -987,6 +981,7 @@ def capture(
     on_reuse: Literal["per_call", "warn", "error"] | str = "per_call",
     check_finite: bool = True,
     kernel: Literal["eager", "compiled"] | str | None = None,
+    stats_fn: StatsFn | None = None,
 ) -> Capture:
     """Capture the outputs (``mode="keep"``) or their sparsity (``mode="reduce"``) of layers.
 
@@ -1020,11 +1015,17 @@ def capture(
             raises.
         check_finite: reduce mode: raise when a stored measure holds NaN/Inf (checked on first
             access, not in the hook, so the hook never waits for the device).
-        kernel: reduce mode on CPU: the perplexity and entropy measures (layer and channel
-            scope) come from one pass of :func:`xai_sparsity.measuring.engine.unit_sums`, with this
-            kernel (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.measuring.engine.get_kernel`).
+        kernel: reduce mode: the measures come from one pass per layer of the statistics
+            engine (:func:`xai_sparsity.measuring.engine.batch_sums`), with this kernel
+            (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.measuring.engine.get_kernel`).
             A ReLU right after a measured layer is measured from that layer's pass (its output
             is relu of the input), from the second forward on.
+        stats_fn: reduce mode: ``stats_fn(name, output, values, sums)`` called in the hook after
+            the measures of a call were computed (``name`` as for ``reduce_fn``; ``values`` the
+            ``{f"{measure}:{scope}": Tensor}`` of this call; ``sums`` the engine's
+            :class:`~xai_sparsity.measuring.engine.Sums` of the output, or None when the measure
+            functions computed the values). With it, the engine also keeps the per-channel sums.
+            :func:`~xai_sparsity.capturing.sweeps.sweep` streams its statistics so.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     >>> with capture(net, nn.ReLU, mode="reduce", scopes=("layer", "channel")) as cap:
@@ -1046,4 +1047,5 @@ def capture(
         on_reuse=on_reuse,
         check_finite=check_finite,
         kernel=kernel,
+        stats_fn=stats_fn,
     )

@@ -13,11 +13,11 @@ H = -sum p ln p, PP = exp(H) and s = (N - PP) / (N - 1). An all-zero ("dead") ma
 every measure (1 - 1/N for the "relative" variant, the value of PP = 1), and a zero gradient.
 
 Numerics: reductions run in float32 for float16/bfloat16 (and integer) input, float64 stays float64.
-Without autograd (measurement inside forward hooks) perplexity and entropy take a fast path that
-works on one temporary buffer in place; with autograd (``torch.is_grad_enabled()`` and
-``x.requires_grad``, the sparsity penalty) a guarded form with finite values and gradients at exact
-zeros is used. Both divide by the sum before taking logarithms, so values up to ~1e30 neither
-overflow float32 nor lose precision.
+This module is the plain, differentiable reference: one guarded form (finite values and gradients
+at exact zeros, p = a / sum(a) taken before any logarithm, so values up to ~1e30 neither overflow
+float32 nor lose precision), with or without autograd. Measuring inside forward hooks and over
+datasets goes through :mod:`xai_sparsity.measuring.engine`, which computes the same values from one
+pass of sums and is tested against these functions.
 
 >>> import torch
 >>> perplexity_sparsity(torch.tensor([[1.0, 1.0, 0.0, 0.0]])).tolist()  # doctest: +ELLIPSIS
@@ -108,23 +108,11 @@ def work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _transformed(x: Tensor, transform: str, *, owned: bool) -> Tensor:
-    """Non-negative activations in the working dtype.
-
-    ``owned=True`` returns a fresh buffer that the caller may overwrite in place (no-grad path).
-    """
+def _transformed(x: Tensor, transform: str) -> Tensor:
+    """Non-negative activations in the working dtype."""
     check_choice("transform", transform, TRANSFORMS)
-    dtype = work_dtype(x)
-    if x.dtype != dtype:
-        a = x.to(dtype)
-        return a.abs_() if transform == "abs" else a.clamp_min_(0)
-    if owned:
-        return x.abs() if transform == "abs" else x.clamp_min(0)
-    return x.abs() if transform == "abs" else torch.relu(x)
-
-
-def _differentiable(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+    a = x.to(work_dtype(x))
+    return a.abs() if transform == "abs" else torch.relu(a)
 
 
 def _check_result(s: Tensor, x: Tensor, fn: str, scope: str, check_finite: bool) -> Tensor:
@@ -139,154 +127,24 @@ def _check_result(s: Tensor, x: Tensor, fn: str, scope: str, check_finite: bool)
 
 
 def _entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, Tensor]:
-    """Shannon entropy H (natural log) over ``dims`` and the dead-map mask (sum == 0).
+    """Shannon entropy H (natural log) over ``dims`` and the dead-map mask (sum == 0), both with
+    the reduced dims removed.
 
-    Returns H and dead, both with the reduced dims removed.
+    The guarded form p = a / S, H = -sum p ln max(p, tiny): value and gradient finite at exact
+    zeros (no log(0), no 0/0), and dividing first keeps sums of 1e30 values finite in float32.
+    Dead maps get exactly zero gradient (through the ``where`` in :func:`sparsity_from_entropy`).
     """
-    if x.device.type == "cpu":
-        # CPU: cache-sized chunks, no tensor-sized temporary (see _chunked_entropy)
-        check_choice("transform", transform, TRANSFORMS)
-        if _differentiable(x):
-            h, total = _ChunkedEntropy.apply(x, dims, transform)
-        else:
-            with torch.no_grad():
-                h, total = _chunked_entropy(x, dims, transform)
-        return h, (total == 0).squeeze(dims)
-    if _differentiable(x):
-        a = _transformed(x, transform, owned=False)
-        total = a.sum(dim=dims, keepdim=True)
-        dead = total == 0
-        p = a / torch.where(dead, torch.ones_like(total), total)
-        tiny = torch.finfo(p.dtype).tiny
-        # p * log(max(p, tiny)): value and gradient finite at p = 0 (no log(0), no 0/0).
-        h = -(p * torch.log(p.clamp_min(tiny))).sum(dim=dims)
-        return h, dead.squeeze(dims) if dims else dead
-    with torch.no_grad():
-        a = _transformed(x, transform, owned=True)
-        total = a.sum(dim=dims, keepdim=True)
-        dead = total == 0
-        # Fast path on the one temporary, in place: p = a / S (dividing first keeps sums of 1e30
-        # values finite and avoids the cancellation in ln S - sum(a ln a) / S), then -sum p ln p.
-        a.div_(torch.where(dead, torch.ones_like(total), total))
-        return _neg_plogp_sum(a, dims, fused=a.device.type != "cpu"), dead.squeeze(dims)
-
-
-_CHUNK_ELEMENTS = 1 << 17
-"""Elements per chunk of the CPU entropy kernel: two float32 buffers of 512 KiB stay in L2."""
-
-
-def _chunk_rows(x: Tensor) -> int:
-    """Samples per chunk: about ``_CHUNK_ELEMENTS`` elements, at least one sample."""
-    per_sample = max(1, math.prod(x.shape[1:]))
-    return max(1, min(x.shape[0], _CHUNK_ELEMENTS // per_sample))
-
-
-def _load(xc: Tensor, out: Tensor, transform: str) -> Tensor:
-    """Write the transformed chunk ``xc`` into the working-dtype buffer ``out``."""
-    if xc.dtype == out.dtype:
-        if transform == "abs":
-            return torch.abs(xc, out=out)
-        return torch.clamp_min(xc, 0, out=out)
-    out.copy_(xc)
-    return out.abs_() if transform == "abs" else out.clamp_min_(0)
-
-
-def _chunked_entropy(x: Tensor, dims: tuple[int, ...], transform: str) -> tuple[Tensor, Tensor]:
-    """H over ``dims`` (reduced dims removed) and the sums S (``keepdim``), without autograd.
-
-    The batch is processed in chunks of a few samples through two reused buffers of about
-    ``_CHUNK_ELEMENTS`` elements: a = |x| (or relu), S = sum a, p = a / S in place, then
-    -sum p ln max(p, tiny) with a vectorised log (on CPU ``xlogy`` is scalar code). No
-    tensor-sized temporary is allocated, which matters most where every large allocation is a
-    fresh ``mmap`` (pinned glibc malloc settings) and keeps the passes in cache.
-    """
-    dtype = work_dtype(x)
-    k = _chunk_rows(x)
-    buf = torch.empty((k, *x.shape[1:]), dtype=dtype, device=x.device)
-    logs = torch.empty_like(buf)
-    tiny = torch.finfo(dtype).tiny
-    hs: list[Tensor] = []
-    totals: list[Tensor] = []
-    for start in range(0, x.shape[0], k):
-        xc = x[start : start + k]
-        n = xc.shape[0]
-        a, lg = (buf, logs) if n == k else (buf[:n], logs[:n])
-        _load(xc, a, transform)
-        total = a.sum(dim=dims, keepdim=True)
-        a.div_(torch.where(total == 0, 1.0, total))
-        torch.clamp_min(a, tiny, out=lg)
-        hs.append(lg.log_().mul_(a).sum(dim=dims).neg_())
-        totals.append(total)
-    if len(hs) == 1:
-        return hs[0], totals[0]
-    return torch.cat(hs), torch.cat(totals)
-
-
-class _ChunkedEntropy(torch.autograd.Function):
-    """H with a hand-written backward that, like the forward, needs no tensor-sized temporary.
-
-    The gradient is that of the guarded form -sum p ln max(p, tiny):
-    dH/da_j = -(ln max(p_j, tiny) + H) / S, times d a / d x (sign(x) for "abs", 1[x > 0] for
-    "relu"), so it is 0 at exact zeros and for dead maps. First-order only.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, dims: tuple[int, ...], transform: str
-    ) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            h, total = _chunked_entropy(x, dims, transform)
-        ctx.save_for_backward(x, h, total)
-        ctx.dims, ctx.transform = dims, transform
-        ctx.mark_non_differentiable(total)
-        return h, total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_h: Tensor, _grad_total: Tensor | None) -> tuple[Any, ...]:
-        x, h, total = ctx.saved_tensors
-        safe = torch.where(total == 0, 1.0, total)
-        h_k = h.reshape(total.shape)
-        scale = grad_h.reshape(total.shape).to(total.dtype).div(safe).neg_()  # -dL/dH / S
-        tiny = torch.finfo(total.dtype).tiny
-        grad_x = torch.empty_like(x)
-        k = _chunk_rows(x)
-        shape = (k, *x.shape[1:])
-        direct = grad_x.dtype == total.dtype  # compute straight into grad_x, no copy
-        buf = None if direct else torch.empty(shape, dtype=total.dtype, device=x.device)
-        sign_dtype = x.dtype if ctx.transform == "abs" else torch.bool
-        sign = torch.empty(shape, dtype=sign_dtype, device=x.device)
-        for start in range(0, x.shape[0], k):
-            stop = start + k
-            xc = x[start:stop]
-            n = xc.shape[0]
-            a = grad_x[start:stop] if buf is None else buf[:n]
-            _load(xc, a, ctx.transform)
-            a.div_(safe[start:stop]).clamp_min_(tiny).log_()
-            a.add_(h_k[start:stop]).mul_(scale[start:stop])
-            if ctx.transform == "abs":
-                a.mul_(torch.sign(xc, out=sign[:n]))
-            else:
-                a.mul_(torch.gt(xc, 0, out=sign[:n]))
-            if buf is not None:
-                grad_x[start:stop].copy_(a)
-        return grad_x, None, None
-
-
-def _neg_plogp_sum(p: Tensor, dims: tuple[int, ...], *, fused: bool) -> Tensor:
-    """-sum(p ln p) over ``dims`` with 0 ln 0 = 0; overwrites ``p``.
-
-    ``fused``: one xlogy pass (memory-bound devices). Otherwise zeros are raised to the smallest
-    normal float (changing H by < N * 1e-36) and a vectorised log is used: on CPU xlogy is
-    scalar code and about 3x slower, and log(0) takes a slow path.
-    """
-    if fused:
-        return -p.xlogy_(p).sum(dim=dims)
-    p.clamp_min_(torch.finfo(p.dtype).tiny)
-    return -torch.log(p).mul_(p).sum(dim=dims)
+    a = _transformed(x, transform)
+    total = a.sum(dim=dims, keepdim=True)
+    dead = total == 0
+    p = a / torch.where(dead, torch.ones_like(total), total)
+    h = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=dims)
+    return h, dead.squeeze(dims)
 
 
 def sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
+    """Perplexity sparsity (``kind`` a variant) or entropy sparsity (``kind="entropy"``) of groups
+    of N units from their entropy H; ``dead`` groups (all zero) count as PP = 1."""
     # A dead map counts as PP = 1 (H = 0): s = 1 (normalized, entropy), 1 - 1/N (relative). The
     # `where` also cuts the gradient of dead maps to exactly zero.
     h = torch.where(dead, torch.zeros_like(h), h)
@@ -302,6 +160,15 @@ def sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
             s = 1.0 - pp / n
             hi = 1.0 - 1.0 / n
     return s.clamp(0.0, hi)
+
+
+def hoyer_from_norms(l1: Tensor, l2: Tensor, dead: Tensor, n: int) -> Tensor:
+    """Hoyer sparsity (sqrt(N) - l1 / l2) / (sqrt(N) - 1) of groups of N values from their L1 and
+    L2 norms, clamped to [0, 1]; 1 where ``dead`` (an all-zero map, where l2 may be 0)."""
+    ratio = l1 / torch.where(dead, torch.ones_like(l2), l2)
+    root_n = math.sqrt(n)
+    s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
+    return torch.where(dead, torch.ones_like(s), s)
 
 
 def _out(s: Tensor, x: Tensor) -> Tensor:
@@ -377,25 +244,14 @@ def hoyer_sparsity(
     fn = "hoyer_sparsity"
     x = _check_tensor(x, fn)
     dims, n = _reduce_dims(x, scope, fn)
-    grad = _differentiable(x)
-    with torch.set_grad_enabled(grad):
-        a = _transformed(x, transform, owned=not grad)
-        peak = a.detach().amax(dim=dims, keepdim=True)  # the ratio is scale invariant
-        peak = torch.where(peak == 0, torch.ones_like(peak), peak)
-        a = a / peak if grad else a.div_(peak)
-        l1 = a.sum(dim=dims)
-        if grad:  # sqrt of a guarded sum of squares: finite gradient also for all-zero maps
-            sq = (a * a).sum(dim=dims)
-            dead = sq == 0
-            l2 = torch.sqrt(torch.where(dead, torch.ones_like(sq), sq))
-        else:  # no temporary
-            l2 = torch.linalg.vector_norm(a, 2, dim=dims)
-            dead = l2 == 0
-            l2 = torch.where(dead, torch.ones_like(l2), l2)
-        ratio = l1 / l2
-        root_n = math.sqrt(n)
-        s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
-        s = torch.where(dead, torch.ones_like(s), s)
+    a = _transformed(x, transform)
+    peak = a.detach().amax(dim=dims, keepdim=True)  # the ratio is scale invariant
+    a = a / torch.where(peak == 0, torch.ones_like(peak), peak)
+    sq = (a * a).sum(dim=dims)
+    dead = sq == 0
+    # sqrt of a guarded sum of squares: finite gradient also for all-zero maps
+    l2 = torch.sqrt(torch.where(dead, torch.ones_like(sq), sq))
+    s = hoyer_from_norms(a.sum(dim=dims), l2, dead, n)
     return _check_result(_out(s, x), x, fn, scope, check_finite)
 
 
@@ -457,7 +313,7 @@ def lifetime_sparsity(
             f"{fn} needs M >= 2 samples along dim 0; got shape {_shape_str(x)} (M = {x.shape[0]})."
         )
     if x.ndim > 2:
-        a = _transformed(x, transform, owned=not _differentiable(x))
+        a = _transformed(x, transform)
         units = a.mean(dim=tuple(range(2, x.ndim)))  # (M, C)
         transform = "relu"  # already non-negative: identity
     else:

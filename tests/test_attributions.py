@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -15,26 +17,23 @@ FAST = {
 }
 
 
-def small_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Flatten(),
-        nn.Dropout(0.5),
-        nn.Linear(16 * 8 * 8, 5),
-    )
+# Conv(3, 8), ReLU, Conv(8, 8), BN, ReLU, MaxPool, Conv(8, 16), ReLU, Flatten, Dropout, Linear(1024, 5)
+# with in-place ReLUs, for (B, 3, 16, 16) images
+CNN = {
+    "in_channels": 3,
+    "widths": (8, 8, 16),
+    "image_size": 16,
+    "num_classes": 5,
+    "norm_after": (1,),
+    "pool_after": (1,),
+    "inplace": True,
+    "dropout": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Sequential:
-    return small_cnn()
+def model(small_cnn: Callable[..., nn.Sequential]) -> nn.Sequential:
+    return small_cnn(**CNN)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +100,10 @@ def test_targets_and_baselines(model: nn.Sequential, images: torch.Tensor) -> No
     )
 
 
-def test_model_state_is_restored(images: torch.Tensor) -> None:
-    net = small_cnn().train()
+def test_model_state_is_restored(
+    images: torch.Tensor, small_cnn: Callable[..., nn.Sequential]
+) -> None:
+    net = small_cnn(**CNN).train()
     net[9].eval()  # a mixed state must come back exactly
     before = [m.training for m in net.modules()]
     net[3].weight.requires_grad_(False)
@@ -195,8 +196,10 @@ def test_gradcam_matches_its_definition(model: nn.Sequential, images: torch.Tens
     torch.testing.assert_close(got, expected.detach())
 
 
-def test_no_hooks_left_behind(images: torch.Tensor) -> None:
-    net = small_cnn()
+def test_no_hooks_left_behind(
+    images: torch.Tensor, small_cnn: Callable[..., nn.Sequential]
+) -> None:
+    net = small_cnn(**CNN)
     for method in METHODS:
         attribute(net, images[:2], method=method, **FAST.get(method, {}))
     with pytest.raises(XaiSparsityError):
@@ -207,8 +210,10 @@ def test_no_hooks_left_behind(images: torch.Tensor) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_model_cpu_images(images: torch.Tensor) -> None:
-    net = small_cnn().cuda()
+def test_cuda_model_cpu_images(
+    images: torch.Tensor, small_cnn: Callable[..., nn.Sequential]
+) -> None:
+    net = small_cnn(**CNN).cuda()
     for method in METHODS:
         a = attribute(net, images, method=method, **FAST.get(method, {}))
         assert a.device == images.device and a.shape == (6, 16, 16)

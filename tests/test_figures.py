@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from xai_sparsity import XaiSparsityError
 from xai_sparsity.runs.rundir import RunDir
@@ -237,8 +239,6 @@ def test_array_errors(run: RunDir) -> None:
 
 # --------------------------------------------------------------------------- figure 4
 def test_spatial_maps_from_arrays() -> None:
-    import torch
-
     from xai_sparsity.views.figures import plot_spatial_maps
 
     rng = np.random.default_rng(0)
@@ -276,16 +276,13 @@ def test_run_spatial_maps(run: RunDir) -> None:
     assert data["labels"].tolist() == [0, 1]
 
 
-def test_run_spatial_maps_with_model(tmp_path: Path) -> None:
-    import torch
-    from torch import nn
-
+def test_run_spatial_maps_with_model(
+    tmp_path: Path, small_cnn: Callable[..., torch.nn.Sequential]
+) -> None:
     from xai_sparsity.views.figures import plot_run_spatial_maps
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(64, 3)
-    ).train()
+    # Conv(3, 4), ReLU, MaxPool, Flatten, Linear for (B, 3, 16, 16) images
+    model = small_cnn(3, (4,), image_size=16, norm_after=()).train()
     run = RunDir(tmp_path / "m", create=True)
     run.append_history({"epoch": 1, "test_loss": 1.0, "sparsity:1": 0.5})
     run.save_arrays(1, {"spatial:1": np.random.default_rng(0).uniform(size=(2, 16, 16))})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import pytest
 import torch
@@ -13,20 +15,13 @@ from xai_sparsity.runs.rundir import RunDir
 from xai_sparsity.training.penalty import SparsityPenalty, auto_targets
 
 
-def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(6 * 8 * 8, 3),
-    )
+@pytest.fixture
+def net(small_cnn: Callable[..., nn.Sequential]) -> nn.Sequential:
+    """Conv(1, 4), ReLU, Conv(4, 6), ReLU, Flatten, Linear for (B, 1, 8, 8) inputs."""
+    return small_cnn(widths=(4, 6), image_size=8, norm_after=(), pool_after=())
 
 
-def test_value_matches_definition() -> None:
-    net = _net()
+def test_value_matches_definition(net: nn.Sequential) -> None:
     x = torch.randn(5, 1, 8, 8)
     pen = SparsityPenalty(["1", "3"], lam=0.7, weights={"3": 2.0})
     with pen.attach(net):
@@ -40,8 +35,7 @@ def test_value_matches_definition() -> None:
 
 
 @pytest.mark.parametrize("scope", ["layer", "channel", "spatial"])
-def test_scopes_and_variant(scope: str) -> None:
-    net = _net()
+def test_scopes_and_variant(scope: str, net: nn.Sequential) -> None:
     x = torch.randn(4, 1, 8, 8)
     pen = SparsityPenalty("3", lam=1.0, scope=scope, variant="relative")
     with pen.attach(net):
@@ -52,8 +46,7 @@ def test_scopes_and_variant(scope: str) -> None:
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_gradient_makes_activations_denser() -> None:
-    net = _net()
+def test_gradient_makes_activations_denser(net: nn.Sequential) -> None:
     x = torch.randn(16, 1, 8, 8)
     pen = SparsityPenalty(nn.ReLU, lam=1.0)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
@@ -72,8 +65,7 @@ def test_gradient_makes_activations_denser() -> None:
     assert after < before - 0.05
 
 
-def test_one_forward_per_step_and_cleared() -> None:
-    net = _net()
+def test_one_forward_per_step_and_cleared(net: nn.Sequential) -> None:
     calls = []
     net.register_forward_pre_hook(lambda m, a: calls.append(1))
     pen = SparsityPenalty("1", lam=0.1)
@@ -87,7 +79,7 @@ def test_one_forward_per_step_and_cleared() -> None:
     assert not net[1]._forward_hooks  # hooks removed
 
 
-def test_bad_settings() -> None:
+def test_bad_settings(net: nn.Sequential) -> None:
     with pytest.raises(XaiSparsityError, match="lam=-1"):
         SparsityPenalty("1", lam=-1)
     with pytest.raises(XaiSparsityError, match="scope='chanel'"):
@@ -95,7 +87,6 @@ def test_bad_settings() -> None:
     pen = SparsityPenalty("1", lam=1)
     with pytest.raises(XaiSparsityError, match="inside attach"):
         pen.value()
-    net = _net()
     bad = SparsityPenalty("1", lam=1, weights={"9": 2.0})
     with bad.attach(net), pytest.raises(XaiSparsityError, match="not targeted"):
         net(torch.randn(2, 1, 8, 8))

@@ -7,6 +7,7 @@ callbacks must read their state from the widget, not from notebook variables.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ pytest.importorskip("captum")
 
 from xai_sparsity import XaiSparsityError
 from xai_sparsity.runs.rundir import RunDir
-from xai_sparsity.views.attributions import METHODS
+from xai_sparsity.views.attributions import METHODS, attribute
 from xai_sparsity.views.widgets import (
     EpochScrubber,
     LayerExplorer,
@@ -29,22 +30,9 @@ from xai_sparsity.views.widgets import (
 )
 
 
-def small_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 6 * 6, 3),
-    )
-
-
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
+def model(small_cnn: Callable[..., nn.Sequential]) -> nn.Module:
+    # Conv(1, 6), BN, ReLU, MaxPool, Conv(6, 8), ReLU, Flatten, Linear for (B, 1, 12, 12) images
     return small_cnn()
 
 
@@ -62,6 +50,30 @@ def explorer(model: nn.Module, images: torch.Tensor) -> LayerExplorer:
 def _changed(before: dict[str, bytes], after: dict[str, bytes], panels: list[str]) -> None:
     for p in panels:
         assert after[p] != before[p], f"panel {p!r} did not change"
+
+
+def _walk(node: Any) -> list[Any]:
+    """Every widget in the tree below ``node`` (``node`` first)."""
+    kids = getattr(node, "children", ())
+    return [node, *(x for k in kids for x in _walk(k))]
+
+
+def _images(obj: Any) -> dict[str, Any]:
+    """Panel name -> the ``ipywidgets.Image`` of the widget tree that shows it (matched by bytes)."""
+    import ipywidgets as w
+
+    shown = [n for n in _walk(obj.widget) if isinstance(n, w.Image)]
+    found = {
+        name: [i for i in shown if bytes(i.value) == png] for name, png in obj.rendered.items()
+    }
+    assert all(len(v) == 1 for v in found.values()), "panels must show distinct images"
+    return {name: v[0] for name, v in found.items()}
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
 
 
 # ----------------------------------------------------------------------------- LayerExplorer
@@ -91,7 +103,7 @@ def test_explorer_every_layer_changes_output(explorer: LayerExplorer) -> None:
             explorer.rendered,
             ["feature_maps", "channel_sparsity", "spatial", "correlation"],
         )
-        channels = explorer._activations(0)[layer].shape[1]
+        channels = {i.name: i.output_shape[0] for i in explorer.layer_table}[layer]
         assert explorer.controls["channel"].max == channels - 1
         assert explorer.state["layer"] == layer
 
@@ -109,16 +121,23 @@ def test_explorer_several_images_change_output(explorer: LayerExplorer) -> None:
 
 def test_explorer_every_attribution_method(explorer: LayerExplorer) -> None:
     explorer.select(layer="4", image=1)
-    maps = {}
+    maps, shown = {}, {}
     for method in [m for m in METHODS if m != explorer.state["method"]] + [explorer.methods[0]]:
         before = explorer.rendered
         explorer.controls["method"].value = method
         _changed(before, explorer.rendered, ["attribution"])
-        maps[method] = explorer._attribution(1, method, "4")
+        shown[method] = _pixels(explorer.rendered["attribution"])
+        maps[method] = attribute(
+            explorer.model, explorer.inputs[1:2], [1], method=method, layer="4"
+        )[0].numpy()
         assert maps[method].shape == (12, 12)
         assert np.isfinite(maps[method]).all()
     assert set(maps) == set(METHODS)
-    # the methods compute different maps (not only different titles)
+    # the methods compute different maps (not only different titles): the panel below its
+    # title row differs between methods, and so do the maps themselves
+    body = {m: px[px.shape[0] // 8 :] for m, px in shown.items()}
+    first = body[METHODS[0]]
+    assert any(not np.array_equal(first, b) for b in list(body.values())[1:])
     flat = [np.abs(m).ravel() / max(np.abs(m).max(), 1e-12) for m in maps.values()]
     assert any(not np.allclose(flat[0], f) for f in flat[1:])
 
@@ -132,27 +151,22 @@ def test_explorer_every_channel_of_one_layer(explorer: LayerExplorer) -> None:
         assert explorer.rendered["attribution"] == before["attribution"]
 
 
-def _renders(ex: LayerExplorer) -> dict[str, int]:
-    return {name: panel.renders for name, panel in ex._panels.items()}
-
-
 def test_explorer_redraws_only_the_panels_a_change_affects(
     model: nn.Module, images: torch.Tensor
 ) -> None:
     ex = LayerExplorer(model, images, labels=[0, 1, 2, 0], methods=("saliency", "gradcam"))
-    swaps = dict.fromkeys(ex._panels, 0)
-    for name, panel in ex._panels.items():
-        panel.image.observe(lambda _, n=name: swaps.__setitem__(n, swaps[n] + 1), names="value")
+    shown = _images(ex)
+    swaps = dict.fromkeys(shown, 0)
+    for name, image in shown.items():
+        image.observe(lambda _, n=name: swaps.__setitem__(n, swaps[n] + 1), names="value")
 
     def step(panels: set[str], **change: Any) -> None:
-        before, seen = _renders(ex), dict(swaps)
+        seen = dict(swaps)
         ex.select(**change)
-        after = _renders(ex)
-        for name in ex._panels:
-            expected = before[name] + (name in panels)
-            assert after[name] == expected, f"{change}: panel {name!r} rendered {after[name]}"
-            if name not in panels:
-                assert swaps[name] == seen[name], f"{change}: {name!r} bytes were replaced"
+        for name in shown:
+            expected = seen[name] + (name in panels)  # one new image per affected panel
+            assert swaps[name] == expected, f"{change}: panel {name!r} swapped {swaps[name]}"
+            assert bytes(shown[name].value) == ex.rendered[name]
 
     per_image = {"input", "feature_maps", "channel_sparsity", "spatial", "attribution"}
     per_layer = {"feature_maps", "channel_sparsity", "spatial", "correlation"}
@@ -167,25 +181,32 @@ def test_explorer_redraws_only_the_panels_a_change_affects(
     step(per_image, image=0)
 
 
-def test_explorer_blitted_panels_match_a_full_redraw(
-    model: nn.Module, images: torch.Tensor
-) -> None:
+def test_explorer_blitted_panels_match_a_full_redraw() -> None:
     from PIL import Image
 
-    ex = LayerExplorer(model, images, labels=[0, 1, 2, 0], methods=("saliency",))
-    ex._views["correlation"].max_scenes = 1  # layouts are dropped and built again
+    # 17 conv layers of 17 channel counts: more layouts than a panel keeps, so layouts are
+    # dropped and built again while the layers are visited
+    widths = list(range(2, 19))
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(a, b, 3, padding=1) for a, b in zip([1, *widths[:-1]], widths, strict=True)]
+    net = nn.Sequential(*convs, nn.Flatten(), nn.Linear(widths[-1] * 8 * 8, 3))
+    images = torch.rand(2, 1, 8, 8)
+    ex = LayerExplorer(net, images, methods=("saliency",))
+    assert len(ex.layers) == len(widths)
     for layer in [*ex.layers, ex.layers[0], ex.layers[-1]]:
         ex.select(layer=layer, image=(ex.state["image"] + 1) % images.shape[0], channel=1)
-    assert len(ex._views["correlation"]._scenes) == 1
-    assert len(ex.figures["correlation"].axes) == 2  # the matrix and its colorbar
+    correlation = ex.figures["correlation"]
+    visible = [ax for ax in correlation.axes if ax.get_visible()]
+    assert len(visible) == 2  # the matrix and its colorbar
+    assert len(correlation.axes) < 2 * len(widths)  # older layouts were dropped
     ex.figures["spatial"].set_size_inches(4.0, 3.0)  # a resized figure: its bitmaps are stale
     ex.select(image=(ex.state["image"] + 1) % images.shape[0])
     assert Image.open(io.BytesIO(ex.rendered["spatial"])).size == (288, 216)
     for name, png in ex.rendered.items():
         buf = io.BytesIO()
         ex.figures[name].savefig(buf, format="png")
-        shown = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
-        full = np.asarray(Image.open(buf).convert("L"), dtype=float)
+        shown = _pixels(png)
+        full = _pixels(buf.getvalue())
         assert shown.shape == full.shape
         # texts are pasted at whole pixels: compare each pixel with its best match within one
         # pixel, so that only missing or misplaced content (not a sub-pixel shift) counts
@@ -220,7 +241,9 @@ def test_explorer_caches_one_forward_per_image(model: nn.Module, images: torch.T
     assert ex.cache_info()["bytes"] > 0
 
 
-def test_explorer_restores_train_mode_and_batchnorm(images: torch.Tensor) -> None:
+def test_explorer_restores_train_mode_and_batchnorm(
+    images: torch.Tensor, small_cnn: Callable[..., nn.Sequential]
+) -> None:
     net = small_cnn().train()
     bn = net[1]
     assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
@@ -232,19 +255,16 @@ def test_explorer_restores_train_mode_and_batchnorm(images: torch.Tensor) -> Non
     assert bn.running_mean is not None and torch.equal(bn.running_mean, mean)
 
 
-def test_callbacks_read_state_from_the_widget_only(images: torch.Tensor) -> None:
+def test_callbacks_read_state_from_the_widget_only(
+    images: torch.Tensor, small_cnn: Callable[..., nn.Sequential]
+) -> None:
     import ipywidgets as w
 
     def build() -> Any:
         return LayerExplorer(small_cnn(), images, methods=("saliency",)).widget
 
     widget = build()  # nothing but the widget tree is kept
-
-    def walk(node: Any) -> list[Any]:
-        kids = getattr(node, "children", ())
-        return [node, *(x for k in kids for x in walk(k))]
-
-    nodes = walk(widget)
+    nodes = _walk(widget)
     dropdown = next(n for n in nodes if isinstance(n, w.Dropdown) and n.description == "layer")
     pngs = [n for n in nodes if isinstance(n, w.Image)]
     before = [bytes(p.value) for p in pngs]
@@ -272,10 +292,18 @@ def test_explorer_errors_name_the_bad_value(model: nn.Module, images: torch.Tens
 
 
 def test_explorer_without_labels_uses_prediction(model: nn.Module, images: torch.Tensor) -> None:
-    ex = LayerExplorer(model, images, methods=("saliency",))
     with torch.no_grad():
         pred = model.eval()(images).argmax(1)
-    assert [ex._target(i) for i in range(4)] == pred.tolist()
+    other = (pred + 1) % 3
+    unlabelled = LayerExplorer(model, images, methods=("saliency",))
+    predicted = LayerExplorer(model, images, labels=pred, methods=("saliency",))
+    wrong = LayerExplorer(model, images, labels=other, methods=("saliency",))
+    for i in range(images.shape[0]):
+        for ex in (unlabelled, predicted, wrong):
+            ex.select(image=i)
+        # the same map and title ("saliency for class k") as with the predicted labels
+        assert unlabelled.rendered["attribution"] == predicted.rendered["attribution"]
+        assert unlabelled.rendered["attribution"] != wrong.rendered["attribution"]
 
 
 # ----------------------------------------------------------------------------- TrainingMonitor
@@ -300,11 +328,12 @@ def _rows(n: int = 12) -> list[dict[str, float]]:
 
 def test_monitor_updates_in_place_and_shows_the_warning() -> None:
     monitor = TrainingMonitor(rule={"min_layers": 1})
-    image = monitor._panels["curves"].image
+    image = _images(monitor)["curves"]
     seen = [monitor.rendered["curves"]]
     for row in _rows():
         monitor(row)
-        assert monitor._panels["curves"].image is image  # same widget, new bytes
+        assert image in _walk(monitor.widget)  # same widget, new bytes
+        assert bytes(image.value) == monitor.rendered["curves"]
         assert monitor.rendered["curves"] != seen[-1]
         seen.append(monitor.rendered["curves"])
         fired = monitor.warning_epoch is not None

@@ -13,11 +13,8 @@ directories (e.g. the result of :func:`xai_sparsity.training.trainer.run_experim
 - figures from :mod:`xai_sparsity.views.figures`: loss curves with per-layer sparsity (figure 1) and
   the layer x epoch heatmap (figure 2) per arm, and the regulariser comparison (figure 6).
 
->>> from xai_sparsity.study.report import markdown_table
->>> print(markdown_table(["arm", "acc"], [["baseline", "0.93"]]))
-| arm | acc |
-|---|---|
-| baseline | 0.93 |
+The tables are GitHub-flavoured Markdown from :mod:`xai_sparsity.study.tables` (``markdown_table``
+is also importable from here).
 """
 
 from __future__ import annotations

@@ -1312,22 +1312,7 @@ class EpochScrubber(_Widget):
         if probes < 1:
             raise XaiSparsityError(f"probes={probes!r} must be at least 1")
         self._arrays: dict[int, dict[str, np.ndarray]] = {}
-        keys: set[str] = set()
-        for e in (self.epochs[0], self.epochs[-1]):
-            keys.update(self._load(e))
-        in_arrays = {
-            k.split(":", 1)[1]
-            for k in keys
-            if k.split(":", 1)[0] in ("channel", "spatial", "correlation")
-        }
-        ordered = [n for n in self.run.layers if n in in_arrays]
-        ordered += sorted(in_arrays - set(ordered))
-        if not ordered:
-            raise XaiSparsityError(
-                f"the arrays of run {self.run.name!r} hold no channel:/spatial:/correlation: "
-                f"entries (keys: {sorted(keys)})"
-            )
-        self.layers = ordered
+        self.layers = self._array_layers()
         if layer is not None:
             check_choice("layer", layer, self.layers)
         try:
@@ -1371,6 +1356,26 @@ class EpochScrubber(_Widget):
         c["epoch"].observe(lambda _: self._redraw(set(self._panels)), names="value")
         c["layer"].observe(lambda _: self._redraw(set(self._panels)), names="value")
         self._redraw(set(self._panels))
+
+    def _array_layers(self) -> list[str]:
+        """The layers with channel:, spatial: or correlation: arrays (first and last epoch), in
+        the run's layer order."""
+        keys: set[str] = set()
+        for e in (self.epochs[0], self.epochs[-1]):
+            keys.update(self._load(e))
+        in_arrays = {
+            k.split(":", 1)[1]
+            for k in keys
+            if k.split(":", 1)[0] in ("channel", "spatial", "correlation")
+        }
+        ordered = [n for n in self.run.layers if n in in_arrays]
+        ordered += sorted(in_arrays - set(ordered))
+        if not ordered:
+            raise XaiSparsityError(
+                f"the arrays of run {self.run.name!r} hold no channel:/spatial:/correlation: "
+                f"entries (keys: {sorted(keys)})"
+            )
+        return ordered
 
     @property
     def state(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def test_val_columns_and_same_training(with_val: RunDir, without_val: RunDir) ->
     assert (a["val_loss"] > 0).all() and a["val_acc"].between(0, 1).all()
     # the validation split changes nothing else: same training images, same columns
     pd.testing.assert_frame_equal(a[list(b.columns)], b)
-    assert list(a.columns[: len(b.columns)]) == list(b.columns)
+    assert [c for c in a.columns if not c.startswith("val_")] == list(b.columns)
 
 
 def test_val_size_errors(tmp_path: Path) -> None:
@@ -80,3 +80,126 @@ def test_val_loss_is_the_loss_on_the_val_images(with_val: RunDir) -> None:
         model.eval()
         loss = float(F.cross_entropy(model(x), y))
     assert np.isclose(with_val.history()["val_loss"].iloc[-1], loss, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ competitor signals
+
+SIGNAL_COLUMNS = ("confidence", "pred_entropy", "gsnr", "gsnr_median")
+
+
+def test_signal_columns_present_and_in_range(without_val: RunDir) -> None:
+    df = without_val.history()
+    for col in SIGNAL_COLUMNS:
+        assert col in df.columns, col
+    layers = without_val.layers
+    drift = df[[f"cka_drift:{layer}" for layer in layers]]
+    assert drift.iloc[0].isna().all()  # no previous epoch
+    assert drift.iloc[1:].notna().all().all()
+    assert ((drift.iloc[1:] >= 0) & (drift.iloc[1:] <= 1)).all().all()
+    assert df["confidence"].between(0.1, 1.0).all()  # 10 classes: max-softmax >= 1/10
+    assert df["pred_entropy"].between(0.0, np.log(10) + 1e-9).all()
+    assert (df["gsnr"] > 0).all() and (df["gsnr_median"] > 0).all()
+    assert np.isfinite(df["gsnr"]).all()
+    assert "ww_alpha" not in df.columns  # opt-in
+    # every older column keeps its place: the new ones come after them
+    new = [c for c in df.columns if c.startswith(("cka_drift:", *SIGNAL_COLUMNS))]
+    assert list(df.columns[-len(new) :]) == new
+
+
+def test_signals_read_no_test_labels(without_val: RunDir, tmp_path: Path) -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from xai_sparsity.training.data import load_data
+
+    cfg = tiny()
+    data = load_data("mnist5k", train_size=40, test_size=40, probe_size=20)
+    x, y = data.test.tensors  # type: ignore[attr-defined]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    data.test = TensorDataset(x, y[perm])
+    px, py = data.probe.tensors  # type: ignore[attr-defined]
+    data.probe = TensorDataset(px, (py + 1) % 10)  # probe labels are never read either
+    other = train(cfg, tmp_path / "run", progress=False, data=data).history()
+    ref = without_val.history()
+    cols = [c for c in ref.columns if c.startswith(("cka_drift:", *SIGNAL_COLUMNS))]
+    pd.testing.assert_frame_equal(other[cols], ref[cols])
+    assert not np.allclose(other["test_loss"], ref["test_loss"])  # the labels did change
+
+
+def test_probe_signals_are_cka_drift_of_the_pooled_maps() -> None:
+    import torch
+    from torch import nn
+
+    from xai_sparsity.measuring.similarity import linear_cka
+    from xai_sparsity.training.probe import ProbeSignals, probe_statistics
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    x = torch.randn(12, 1, 8, 8)
+    signals = ProbeSignals()
+    first, _ = probe_statistics(net, x, ["1"], signals=signals)
+    assert np.isnan(first["cka_drift:1"])
+    again, _ = probe_statistics(net, x, ["1"], signals=signals)
+    assert again["cka_drift:1"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        before = torch.relu(net[0](x)).mean(dim=(2, 3))
+        net[0].weight.mul_(-1.5)
+        after = torch.relu(net[0](x)).mean(dim=(2, 3))
+    moved, _ = probe_statistics(net, x, ["1"], signals=signals)
+    expected = 1.0 - float(linear_cka(before, after))
+    assert moved["cka_drift:1"] == pytest.approx(expected, abs=1e-6)
+    with torch.no_grad():
+        p = torch.softmax(net(x), dim=1)
+    assert moved["confidence"] == pytest.approx(float(p.max(1).values.mean()), abs=1e-6)
+    entropy = float(-(p * p.log()).sum(1).mean())
+    assert moved["pred_entropy"] == pytest.approx(entropy, abs=1e-6)
+    restored = ProbeSignals()
+    restored.load_state_dict(signals.state_dict())
+    assert restored.columns({"pooled": {"1": after}})["cka_drift:1"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gradient_noise_formula() -> None:
+    import torch
+    from torch import nn
+
+    from xai_sparsity.training.trainer import GradientNoise
+
+    class NoScaler:
+        def is_enabled(self) -> bool:
+            return False
+
+    lin = nn.Linear(2, 1, bias=False)
+    noise = GradientNoise(lin)
+    for g in ([1.0, 2.0], [3.0, 2.0], [2.0, 2.0]):  # element 1: mean 2, var 1; element 2: var 0
+        lin.weight.grad = torch.tensor([g])
+        noise.update(NoScaler(), None)  # type: ignore[arg-type]
+    out = noise.result()
+    assert out["gsnr"] == pytest.approx(4.0) and out["gsnr_median"] == pytest.approx(4.0)
+
+
+def test_signals_setting_is_checked() -> None:
+    with pytest.raises(XaiSparsityError, match=r"signals.*'ww_alfa'.*'ww_alpha'"):
+        tiny(signals=["ww_alfa"])
+    with pytest.raises(XaiSparsityError, match=r"ww_every=0"):
+        tiny(ww_every=0)
+
+
+def test_missing_weightwatcher_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "weightwatcher", None)
+    with pytest.raises(XaiSparsityError, match=r"xai-sparsity\[study\]"):
+        train(tiny(signals=["ww_alpha"]), tmp_path / "run", progress=False)
+
+
+def test_ww_alpha_every_k_epochs_changes_no_other_column(
+    without_val: RunDir, tmp_path: Path
+) -> None:
+    pytest.importorskip("weightwatcher")
+    df = train(tiny(signals=["ww_alpha"], ww_every=2), tmp_path / "run", progress=False).history()
+    ref = without_val.history()
+    assert df["ww_alpha"].isna().tolist() == [True, False, False]  # epochs 2 and 3 (the last)
+    assert df["ww_alpha"].iloc[1:].between(0.5, 50).all()
+    pd.testing.assert_frame_equal(df[list(ref.columns)], ref)

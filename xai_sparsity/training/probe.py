@@ -16,6 +16,11 @@ inputs, when given), ``correlation`` (mean |r|) and ``dead`` (constant channels)
 (mean over units of the lifetime sparsity). Arrays (npz keys): ``layer:``, ``channel:``,
 ``spatial:``, ``correlation:``, ``lifetime:``.
 
+With ``ProbeSettings(signals=True)`` the same pass also keeps the model's outputs and, per layer,
+the (P, C) matrix of each image's activation averaged over positions; :class:`ProbeSignals`
+turns them into the label-free competitor columns ``confidence``, ``pred_entropy`` and
+``cka_drift:<layer>`` (docs/definitions.md, "Competitor signals"). No label is read.
+
 >>> import torch, torch.nn as nn
 >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
 >>> result = probe_pass(net, torch.rand(8, 1, 8, 8), ["1"], ProbeSettings(), arrays=True)
@@ -43,7 +48,9 @@ __all__ = [
     "SCOPES",
     "ProbeReducer",
     "ProbeSettings",
+    "ProbeSignals",
     "order_layers",
+    "prediction_signals",
     "probe_pass",
     "probe_statistics",
 ]
@@ -67,7 +74,8 @@ class ProbeSettings:
 
     measures: among :data:`MEASURES`; scopes: the arrays to keep (:data:`SCOPES`); correlation:
     filter correlation and dead channels; lifetime: the lifetime sparsity; spatial_images: how
-    many probe images get spatial maps; batch_size: probe images per forward.
+    many probe images get spatial maps; batch_size: probe images per forward; signals: keep the
+    model outputs and the per-image channel means (see :class:`ProbeSignals`).
     """
 
     measures: tuple[str, ...] = MEASURES
@@ -76,6 +84,7 @@ class ProbeSettings:
     lifetime: bool = True
     spatial_images: int = 8
     batch_size: int = 256
+    signals: bool = False
 
     def replace(self, **changes: Any) -> ProbeSettings:
         return dataclasses.replace(self, **changes)
@@ -92,6 +101,7 @@ class _LayerSums:
         self.spatial: list[Tensor] = []  # (b, H, W) maps of the first spatial_images samples
         self.unit_means: list[Tensor] = []  # (B, C) mean |a| per unit, for lifetime sparsity
         self.corr: Any = None  # CorrelationAccumulator
+        self.pooled: list[Tensor] = []  # (B, C) mean over positions per image (signals only)
 
 
 class ProbeReducer:
@@ -139,6 +149,8 @@ class ProbeReducer:
             acc.unit_means.append(stats["unit_sum"] / positions)
         if self.arrays and x.dim() >= 3:
             self._maps(acc, x, stats)
+        if s.signals:
+            acc.pooled.append(x.flatten(2).mean(2).float() if x.dim() >= 3 else x.float())
 
     @staticmethod
     def _correlation(acc: _LayerSums, x: Tensor) -> None:
@@ -162,7 +174,8 @@ class ProbeReducer:
     def result(
         self, order: Sequence[str], *, train: Mapping[str, float] | None = None
     ) -> dict[str, Any]:
-        """``{"scalars": {column: value}, "arrays": {key: array}, "per_sample": {layer: (P,)}}``.
+        """``{"scalars": {column: value}, "arrays": {key: array}, "per_sample": {layer: (P,)},
+        "pooled": {layer: (P, C)}}`` (``pooled`` only with ``settings.signals``).
 
         Args:
             order: the per-call layer names in column order (see :func:`order_layers`); a name
@@ -172,6 +185,7 @@ class ProbeReducer:
         scalars: dict[str, float] = {}
         arrays: dict[str, np.ndarray] = {}
         per_sample: dict[str, np.ndarray] = {}
+        pooled: dict[str, Tensor] = {}
         for name in order:
             acc = self.layers.get(name)
             if acc is None and name.endswith("#0"):
@@ -187,7 +201,9 @@ class ProbeReducer:
             lifetime = self._scalars(scalars, name, acc, pp, train)
             if self.arrays:
                 arrays.update(self._arrays(name, acc, per_sample[name], lifetime))
-        return {"scalars": scalars, "arrays": arrays, "per_sample": per_sample}
+            if acc.pooled:
+                pooled[name] = torch.cat(acc.pooled)
+        return {"scalars": scalars, "arrays": arrays, "per_sample": per_sample, "pooled": pooled}
 
     def _scalars(
         self,
@@ -272,22 +288,80 @@ def probe_pass(
         train: ``train_sparsity:`` values per layer, see :meth:`ProbeReducer.result`.
 
     Returns:
-        ``{"scalars", "arrays", "per_sample"}`` as :meth:`ProbeReducer.result`.
+        ``{"scalars", "arrays", "per_sample", "pooled"}`` as :meth:`ProbeReducer.result`; with
+        ``settings.signals`` also ``"logits"``: the (P, K) model outputs when the model returns
+        one (P, K) tensor per batch (else absent).
     """
     from xai_sparsity.capturing.hooks import capture
 
     run = forward if forward is not None else model
     reducer = ProbeReducer(settings, arrays=arrays)
+    outputs: list[Any] = []
     with (
         eval_no_grad(model),
         capture(model, list(selected), mode="reduce", measures=(), reduce_fn=reducer) as cap,
     ):
         for start in range(0, x.shape[0], settings.batch_size):
             reducer.offset = start
-            run(x[start : start + settings.batch_size])
+            out = run(x[start : start + settings.batch_size])
+            if settings.signals:
+                outputs.append(out)
         seen_reused = set(cap.reused) | set(reused)
     order = order_layers(selected, list(reducer.layers), seen_reused)
-    return reducer.result(order, train=train)
+    result = reducer.result(order, train=train)
+    if outputs and all(isinstance(o, Tensor) and o.dim() == 2 for o in outputs):
+        result["logits"] = torch.cat([o.detach().float() for o in outputs])
+    return result
+
+
+def prediction_signals(logits: Tensor) -> dict[str, float]:
+    """``confidence`` (mean max-softmax probability) and ``pred_entropy`` (mean entropy of the
+    softmax, nats) of (P, K) logits; no labels.
+
+    >>> prediction_signals(torch.zeros(3, 4))["pred_entropy"] == float(np.log(4))
+    True
+    """
+    logp = torch.log_softmax(logits.double(), dim=1)
+    p = logp.exp()
+    return {
+        "confidence": float(p.max(dim=1).values.mean()),
+        "pred_entropy": float(-(p * logp).sum(dim=1).mean()),
+    }
+
+
+class ProbeSignals:
+    """The label-free competitor columns of successive probe passes (``settings.signals``):
+    ``confidence`` and ``pred_entropy`` from the pass's logits, and per layer ``cka_drift:<layer>``
+    = 1 - linear CKA between this pass's and the previous pass's (P, C) channel means (NaN at the
+    first pass). Keeps the previous matrices; :meth:`state_dict` / :meth:`load_state_dict` carry
+    them through a checkpoint so that a resumed run continues exactly.
+    """
+
+    def __init__(self) -> None:
+        self.previous: dict[str, Tensor] = {}
+
+    def columns(self, result: Mapping[str, Any]) -> dict[str, float]:
+        """The columns of one :func:`probe_pass` result; remembers its matrices for the next."""
+        from xai_sparsity.measuring.similarity import linear_cka
+
+        cols: dict[str, float] = {}
+        if "logits" in result:
+            cols.update(prediction_signals(result["logits"]))
+        pooled: Mapping[str, Tensor] = result.get("pooled", {})
+        for name, now in pooled.items():
+            before = self.previous.get(name)
+            drift = float("nan")
+            if before is not None and before.shape == now.shape and now.shape[0] >= 2:
+                drift = 1.0 - float(linear_cka(before.to(now.device), now))
+            cols[f"cka_drift:{name}"] = drift
+        self.previous = {k: v.detach().cpu().clone() for k, v in pooled.items()}
+        return cols
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": dict(self.previous)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.previous = {k: v.clone() for k, v in state.get("previous", {}).items()}
 
 
 def probe_statistics(
@@ -300,6 +374,7 @@ def probe_statistics(
     spatial_images: int = 8,
     correlation: bool = True,
     batch_size: int = 500,
+    signals: ProbeSignals | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The trainer's per-epoch probe: every measure of :data:`MEASURES` on ``layers`` (a spec for
     :func:`~xai_sparsity.capturing.hooks.resolve_layers`), by :func:`probe_pass`.
@@ -312,6 +387,8 @@ def probe_statistics(
         arrays: also return the npz arrays (channel, layer, spatial, correlation, lifetime).
         spatial_images: K, the number of probe images whose spatial maps are kept.
         correlation: filter correlation (``correlation:`` and ``dead:`` columns).
+        signals: also the competitor columns of :class:`ProbeSignals` (after the others; from
+            the same forward); ``signals`` keeps this pass's matrices for the next call.
 
     Returns:
         ``(columns, arrays)``: history columns ``<prefix>:<layer>`` and npz arrays.
@@ -320,12 +397,20 @@ def probe_statistics(
 
     selected = resolve_layers(model, layers)
     settings = ProbeSettings(
-        correlation=correlation, spatial_images=spatial_images, batch_size=batch_size
+        correlation=correlation,
+        spatial_images=spatial_images,
+        batch_size=batch_size,
+        signals=signals is not None,
     )
     train: dict[str, float] | None = None
     if train_probe_x is not None and len(train_probe_x):
-        light = settings.replace(measures=("perplexity",), correlation=False, lifetime=False)
+        light = settings.replace(
+            measures=("perplexity",), correlation=False, lifetime=False, signals=False
+        )
         scalars = probe_pass(model, train_probe_x, selected, light, arrays=False)["scalars"]
         train = {k.split(":", 1)[1]: v for k, v in scalars.items() if k.startswith("sparsity:")}
     result = probe_pass(model, probe_x, selected, settings, arrays=arrays, train=train)
-    return result["scalars"], result["arrays"]
+    columns = result["scalars"]
+    if signals is not None:
+        columns.update(signals.columns(result))
+    return columns, result["arrays"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from xai_sparsity.base import __version__
 from xai_sparsity.base.errors import XaiSparsityError, check_choice, closest
 from xai_sparsity.base.modules import eval_no_grad, resolve_device
 from xai_sparsity.runs.rundir import RunDir
-from xai_sparsity.training.probe import probe_statistics
+from xai_sparsity.training.probe import ProbeSignals, probe_statistics
 
 __all__ = [
     "ARM_COMPONENTS",
@@ -76,6 +77,12 @@ DEFAULT_LAMBDA = 0.3
 DEFAULT_DROPOUT = 0.5
 """Dropout rate of a ``"dropout"`` arm when neither the arm nor the config sets one."""
 ARM_COMPONENTS = ("baseline", "penalty", "dropout", "batchnorm")
+SIGNALS = ("confidence", "pred_entropy", "cka_drift", "gsnr", "ww_alpha")
+"""Label-free competitor signals a run can record (``TrainConfig.signals``): ``confidence``,
+``pred_entropy`` and ``cka_drift:<layer>`` come from the probe pass (one switch for the three),
+``gsnr`` (and ``gsnr_median``) from the training gradients, ``ww_alpha`` from WeightWatcher."""
+DEFAULT_SIGNALS = frozenset({"confidence", "pred_entropy", "cka_drift", "gsnr"})
+"""Signals recorded whatever ``signals`` says (each costs well under 3 % of an epoch)."""
 
 
 class StopTraining(Exception):
@@ -110,6 +117,10 @@ class TrainConfig:
     Measurement: ``measure_layers`` (``None``: every activation module, i.e. the activation after
     each conv and the hidden dense layer), ``array_every``, ``spatial_images``, ``correlation``,
     ``eval_batch_size``.
+    Competitor signals (label-free, docs/definitions.md): ``signals`` lists the optional ones
+    among :data:`SIGNALS` (those of :data:`DEFAULT_SIGNALS` are always recorded);
+    ``"ww_alpha"`` (needs the ``study`` extra) is computed every ``ww_every`` epochs and at the
+    last one (NaN in between).
     Runtime: ``seed``, ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"), ``amp`` (mixed
     precision on CUDA), ``deterministic``, ``num_workers``, ``arm`` (a label).
     """
@@ -152,6 +163,8 @@ class TrainConfig:
     spatial_images: int = 8
     correlation: bool = True
     eval_batch_size: int = 500
+    signals: list[str] = field(default_factory=list)
+    ww_every: int = 1
 
     seed: int = 0
     device: str = "auto"
@@ -187,6 +200,9 @@ class TrainConfig:
         _positive("eval_batch_size", self.eval_batch_size)
         _positive("step_size", self.step_size)
         _positive("hidden", self.hidden)
+        _positive("ww_every", self.ww_every)
+        for signal in self.signals:
+            check_choice("signals", signal, SIGNALS)
         for name in ("train_size", "test_size"):
             v = getattr(self, name)
             if v is not None:
@@ -585,6 +601,106 @@ def default_penalty_layers(model: nn.Module, example: Tensor, which: str = "deep
 
 
 # ----------------------------------------------------------------------------------------------
+# Competitor signals computed by the trainer itself (the probe ones are in probe.py)
+
+_PROBE_SIGNALS = frozenset({"confidence", "pred_entropy", "cka_drift"})
+
+
+class GradientNoise:
+    """Gradient signal-to-noise ratio of one epoch's minibatch gradients (Liu et al. 2020).
+
+    After each backward, :meth:`update` adds every parameter element's gradient g and g^2 to
+    float64 sums (unscaled first under AMP; a step whose gradients are not finite, which the
+    scaler skips, is left out). :meth:`result` gives, per element, r = mean^2 / var over the
+    epoch's n steps (var with n - 1), and their mean (``gsnr``) and median (``gsnr_median``)
+    over the elements with var > 0. Under DDP the gradients after backward are already the
+    averages over the ranks (the global batch's gradient), read on rank 0.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        n = sum(p.numel() for p in self.params)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros_like(self.sum)
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not self.params:
+            return
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)  # the step then uses these unscaled gradients
+        g = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params
+            ]
+        ).double()
+        if scaler.is_enabled():  # no synchronisation: a skipped step adds zeros
+            ok = torch.isfinite(g).all()
+            g = torch.where(ok, g, torch.zeros_like(g))
+            self.steps += ok.double()
+        else:
+            self.steps += 1.0
+        self.sum += g
+        self.sum_sq.addcmul_(g, g)
+
+    def result(self) -> dict[str, float]:
+        n = float(self.steps)
+        if n < 2:
+            return {"gsnr": math.nan, "gsnr_median": math.nan}
+        mean = self.sum / n
+        var = (self.sum_sq - n * mean * mean) / (n - 1)
+        live = var > 1e-12 * (self.sum_sq / n)
+        if not bool(live.any()):
+            return {"gsnr": math.nan, "gsnr_median": math.nan}
+        r = mean[live].square() / var[live]
+        return {"gsnr": float(r.mean()), "gsnr_median": float(r.median())}
+
+
+def _import_weightwatcher() -> Any:
+    quiet = io.StringIO()  # it prints notes about its SVD backend on import
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            import weightwatcher
+    except ImportError as err:
+        raise XaiSparsityError(
+            "signals=['ww_alpha'] needs the weightwatcher package: pip install "
+            "'xai-sparsity[study]' (or pip install weightwatcher)"
+        ) from err
+    return weightwatcher
+
+
+def ww_alpha(model: nn.Module) -> float:
+    """WeightWatcher's mean power-law alpha over the model's layers (NaN if none fits).
+
+    Reads only the weights (a CPU copy); every random state is restored afterwards, so
+    recording it leaves the training unchanged.
+    """
+    import copy
+    import logging
+
+    ww = _import_weightwatcher()
+    state = _rng_state()
+    cpu = copy.deepcopy(model).cpu()
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    quiet = io.StringIO()  # weightwatcher and powerlaw print progress notes
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),
+        ):
+            warnings.simplefilter("ignore")
+            details = ww.WeightWatcher(model=cpu).analyze()
+    finally:
+        _set_rng_state(state)
+    alpha = details["alpha"].to_numpy(dtype=float) if "alpha" in details else np.zeros(0)
+    alpha = alpha[np.isfinite(alpha)]
+    return float(alpha.mean()) if alpha.size else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -662,6 +778,8 @@ class _Session:
     layers_spec: Any
     penalty: Any  # SparsityPenalty or None
     penalty_layers: list[str]
+    signals: frozenset[str] = frozenset()  # the competitor signals recorded (rank 0)
+    probe_signals: ProbeSignals | None = None  # confidence, pred_entropy, cka_drift (rank 0)
     start_epoch: int = 1
     best_loss: float = math.inf
     best_epoch: int = 0
@@ -785,6 +903,9 @@ def _set_up(
             core, device_ids=[device.index] if device.type == "cuda" else None
         )
     amp, scaler = _mixed_precision(cfg, device, rank)
+    signals = DEFAULT_SIGNALS | frozenset(cfg.signals)
+    if "ww_alpha" in signals:
+        _import_weightwatcher()
     generator = torch.Generator()
     generator.manual_seed(cfg.seed)
     return _Session(
@@ -810,6 +931,8 @@ def _set_up(
         layers_spec=_measured_layer_spec(cfg),
         penalty=penalty,
         penalty_layers=penalty_layers,
+        signals=signals,
+        probe_signals=ProbeSignals() if signals & _PROBE_SIGNALS else None,
     )
 
 
@@ -831,6 +954,8 @@ def _resume(s: _Session) -> None:
         s.start_epoch = int(state["epoch"]) + 1
         s.best_loss, s.best_epoch = float(state["best_test_loss"]), int(state["best_epoch"])
         s.epoch_times = [float(t) for t in state.get("epoch_times", [])]
+        if s.probe_signals is not None and "signals" in state:
+            s.probe_signals.load_state_dict(state["signals"])
         if s.rank == 0:
             run.truncate_history(int(state["epoch"]))
     elif s.rank == 0:
@@ -839,10 +964,12 @@ def _resume(s: _Session) -> None:
     _barrier(s.world)
 
 
-def _train_epoch(s: _Session, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train_epoch(
+    s: _Session, epoch: int
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """One epoch of optimisation; returns the row's first columns (epoch, training loss and
-    accuracy) and the columns that follow the test ones (lr, penalty, training-batch
-    sparsity)."""
+    accuracy), the columns that follow the test ones (lr, penalty, training-batch sparsity) and
+    the gradient signal-to-noise columns (``gsnr``, ``gsnr_median``; empty when off)."""
     from torch.utils.data import DataLoader
 
     cfg, device, world = s.cfg, s.device, s.world
@@ -864,6 +991,7 @@ def _train_epoch(s: _Session, epoch: int) -> tuple[dict[str, Any], dict[str, Any
     steps = 0
     batch_sparsity: dict[str, Tensor] = {}
     penalty = s.penalty
+    gradients = GradientNoise(s.core) if "gsnr" in s.signals and s.rank == 0 else None
     with penalty.attach(s.core) if penalty is not None else contextlib.nullcontext():
         for step, (xb, yb) in enumerate(loader):
             xb = xb.to(device, non_blocking=True)
@@ -877,6 +1005,8 @@ def _train_epoch(s: _Session, epoch: int) -> tuple[dict[str, Any], dict[str, Any
                     loss = loss + _penalty_step(penalty, frac, sums, batch_sparsity)
             s.optimizer.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
+            if gradients is not None:
+                gradients.update(s.scaler, s.optimizer)
             s.scaler.step(s.optimizer)
             s.scaler.update()
             sums[0] += ce.detach().double()
@@ -890,7 +1020,7 @@ def _train_epoch(s: _Session, epoch: int) -> tuple[dict[str, Any], dict[str, Any
         extra["penalty"] = sums_list[2] / max(steps, 1)
         for name, v in batch_sparsity.items():
             extra[f"train_batch_sparsity:{name}"] = float(v) / max(steps, 1)
-    return row, extra
+    return row, extra, gradients.result() if gradients is not None else {}
 
 
 def _penalty_step(
@@ -933,9 +1063,13 @@ def _record(s: _Session, epoch: int, row: dict[str, Any], late: Mapping[str, Any
         spatial_images=min(cfg.spatial_images, int(s.probe_x.shape[0])),
         correlation=cfg.correlation,
         batch_size=cfg.eval_batch_size,
+        signals=s.probe_signals,
     )
     row.update(cols)
     row.update(late)
+    if "ww_alpha" in s.signals:
+        due = epoch % cfg.ww_every == 0 or epoch == cfg.epochs
+        row["ww_alpha"] = ww_alpha(s.core) if due else math.nan
     if want_arrays:
         s.run.save_arrays(epoch, arrays)
     s.run.append_history(row)
@@ -959,6 +1093,9 @@ def _checkpoint(s: _Session, epoch: int) -> None:
                 "best_test_loss": s.best_loss,
                 "best_epoch": s.best_epoch,
                 "epoch_times": s.epoch_times,
+                **(
+                    {"signals": s.probe_signals.state_dict()} if s.probe_signals is not None else {}
+                ),
             },
             "last",
         )
@@ -989,12 +1126,13 @@ def _run_epochs(
     try:
         for epoch in range(s.start_epoch, s.cfg.epochs + 1):
             t0 = time.perf_counter()
-            row, extra = _train_epoch(s, epoch)
+            row, extra, gradients = _train_epoch(s, epoch)
             test_loss, test_acc = _evaluate_epoch(s)
             row.update(test_loss=test_loss, test_acc=test_acc, **extra)
             late: dict[str, Any] = {}
             if s.val_x is not None:
                 late["val_loss"], late["val_acc"] = _evaluate_epoch(s, "val")
+            late.update(gradients)
             _record(s, epoch, row, late)
             s.epoch_times.append(time.perf_counter() - t0)
             _checkpoint(s, epoch)
@@ -1089,7 +1227,7 @@ def _gather_rng(world: int) -> Any:
     return gathered
 
 
-_NEW_FIELD_DEFAULTS: dict[str, Any] = {"val_size": 0}
+_NEW_FIELD_DEFAULTS: dict[str, Any] = {"val_size": 0, "signals": [], "ww_every": 1}
 """Fields added after runs were written: a run without them had these values."""
 
 

@@ -101,9 +101,9 @@ SQUARE_FACTOR = {torch.float32: 2.0**40, torch.float64: 1.0}
 """K in Q = K sum a'^2: values 1e-25 of their sample's mean still square above float32's
 underflow; K (C P)^2 overflows only beyond 10^13 values per sample."""
 
-CHUNK_ELEMENTS = 1 << 18
-"""Values per chunk of the CPU pass, over all its buffers (two float32 buffers of 512 KiB for
-the entropy sums): the passes over a chunk stay in cache."""
+CHUNK_ELEMENTS = 1 << 17
+"""Values per slot buffer of a chunk of the CPU pass (512 KiB in float32; the entropy sums use two
+such buffers, a sweep's four measures four or five): the passes over a chunk stay in cache."""
 
 MEASURE_NAMES: tuple[str, ...] = ("perplexity", "zero_fraction", "hoyer", "entropy")
 """The measures the engine computes (those of ``measures.MEASURES``)."""
@@ -337,7 +337,7 @@ def _eager(units: Tensor, req: Request, *, fix_inf: bool = False) -> Sums:
     lay = _layout(req)
     b, c, p = units.shape
     nslot, on_cpu = len(lay.slots), units.device.type == "cpu"
-    k = max(1, min(b, CHUNK_ELEMENTS // (nslot * max(1, c * p)))) if on_cpu else b
+    k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if on_cpu else b
     buf = _scratch(nslot * k * c * p, work_dtype(units), units.device).view(nslot, k, c, p)
     squares = lay.need.sq or (lay.relu is not None and lay.relu.sq)
     zero = torch.zeros((), dtype=buf.dtype, device=buf.device) if squares else None
@@ -597,11 +597,11 @@ def compiled_available() -> bool:
 
 
 def entropy_from_sums(s: Tensor, t: Tensor) -> Tensor:
-    """H = ln S - T / S (natural log), 0 for an all-zero map (S = 0); same shape as ``s``."""
-    dead = s <= 0
-    safe = torch.where(dead, torch.ones_like(s), s)
-    h = (torch.log(safe) - t / safe).clamp_min(0.0)
-    return torch.where(dead, torch.zeros_like(h), h)
+    """H = ln S - T / S (natural log), 0 for an all-zero map (S = 0); same shape as ``s``. No
+    autograd (two temporaries, the rest in place)."""
+    safe = s.clamp_min(torch.finfo(s.dtype).tiny)
+    ratio = torch.div(t, safe)
+    return safe.log_().sub_(ratio).clamp_min_(0.0).masked_fill_(s <= 0, 0.0)
 
 
 def sparsity_from_sums(s: Tensor, t: Tensor, n: int, kind: str = "normalized") -> Tensor:

@@ -146,29 +146,23 @@ def sparsity_from_entropy(h: Tensor, dead: Tensor, n: int, kind: str) -> Tensor:
     """Perplexity sparsity (``kind`` a variant) or entropy sparsity (``kind="entropy"``) of groups
     of N units from their entropy H; ``dead`` groups (all zero) count as PP = 1."""
     # A dead map counts as PP = 1 (H = 0): s = 1 (normalized, entropy), 1 - 1/N (relative). The
-    # `where` also cuts the gradient of dead maps to exactly zero.
-    h = torch.where(dead, torch.zeros_like(h), h)
+    # `where` also cuts the gradient of dead maps to exactly zero. One temporary per step, the
+    # rest in place (autograd-safe: no in-place op touches a tensor a backward needs).
+    h = torch.where(dead, 0.0, h)
     if kind == "entropy":
-        s = 1.0 - h / math.log(n)
-        hi = 1.0
-    else:
-        pp = torch.exp(h)
-        if kind == "normalized":
-            s = (n - pp) / (n - 1)
-            hi = 1.0
-        else:  # relative
-            s = 1.0 - pp / n
-            hi = 1.0 - 1.0 / n
-    return s.clamp(0.0, hi)
+        return h.mul(-1.0 / math.log(n)).add_(1.0).clamp_(0.0, 1.0)
+    pp = torch.exp(h)
+    if kind == "normalized":
+        return pp.neg().add_(n).div_(n - 1).clamp_(0.0, 1.0)
+    return pp.div(-n).add_(1.0).clamp_(0.0, 1.0 - 1.0 / n)  # relative
 
 
 def hoyer_from_norms(l1: Tensor, l2: Tensor, dead: Tensor, n: int) -> Tensor:
     """Hoyer sparsity (sqrt(N) - l1 / l2) / (sqrt(N) - 1) of groups of N values from their L1 and
     L2 norms, clamped to [0, 1]; 1 where ``dead`` (an all-zero map, where l2 may be 0)."""
-    ratio = l1 / torch.where(dead, torch.ones_like(l2), l2)
     root_n = math.sqrt(n)
-    s = ((root_n - ratio) / (root_n - 1)).clamp(0.0, 1.0)
-    return torch.where(dead, torch.ones_like(s), s)
+    s = (l1 / torch.where(dead, 1.0, l2)).sub_(root_n).div_(1.0 - root_n).clamp_(0.0, 1.0)
+    return torch.where(dead, 1.0, s)
 
 
 def _out(s: Tensor, x: Tensor) -> Tensor:

@@ -101,6 +101,12 @@ def test_imagefolder(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = load_data("imagefolder", root=tmp_path, train_size=8, probe_size=6, image_size=16)
     assert data.class_names == ["cat", "dog"] and len(data.test) == 10
     assert data.train[0][0].shape == (3, 16, 16)
+    val = load_data(
+        "imagefolder", root=tmp_path, train_size=8, probe_size=6, image_size=16, val_size=4
+    )
+    assert len(val.val) == 4 and len(val.test) == 6  # type: ignore[arg-type]
+    assert val.train.indices == data.train.indices  # type: ignore[attr-defined]
+    assert not set(val.val.indices) & set(val.train.indices + val.test.indices + val.probe.indices)  # type: ignore[union-attr, attr-defined]
 
 
 def test_val_split_is_disjoint_and_leaves_training_images_unchanged() -> None:

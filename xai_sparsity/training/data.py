@@ -525,6 +525,29 @@ def _torchvision_bundle(
     )
 
 
+def _folder_transforms(
+    image_size: int, augment: bool, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Any, Any]:
+    """(plain, training) transforms of an image folder: resize and centre-crop, then (with
+    ``augment``) random crops with padding and horizontal flips."""
+    from torchvision import transforms as T
+
+    resize = [T.Resize(image_size), T.CenterCrop(image_size)]
+    plain = T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+    if not augment:
+        return plain, plain
+    aug = T.Compose(
+        [
+            *resize,
+            T.RandomCrop(image_size, padding=max(1, image_size // 8)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    return plain, aug
+
+
 def _imagefolder_bundle(
     root: str | os.PathLike[str] | None,
     *,
@@ -537,7 +560,6 @@ def _imagefolder_bundle(
     image_size: int,
 ) -> DataBundle:
     from torchvision import datasets as tvd
-    from torchvision import transforms as T
 
     if root is None:
         raise XaiSparsityError("dataset 'imagefolder' needs root=PATH (one folder per class)")
@@ -545,20 +567,7 @@ def _imagefolder_bundle(
     if not base.is_dir():
         raise XaiSparsityError(f"imagefolder root={str(root)!r} is not a folder")
     mean, std = _NORMALISATION["imagefolder"]
-    resize = [T.Resize(image_size), T.CenterCrop(image_size)]
-    plain = T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
-    if augment:
-        aug = T.Compose(
-            [
-                *resize,
-                T.RandomCrop(image_size, padding=max(1, image_size // 8)),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
-    else:
-        aug = plain
+    plain, aug = _folder_transforms(image_size, augment, mean, std)
     held_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     try:
         if (base / "train").is_dir() and held_dir is not None:

@@ -760,9 +760,10 @@ class Capture:
         return t.to("cpu", non_blocking=True)
 
     def _engine_plan(self) -> Plan | None:
-        """The measures x scopes that the statistics engine computes in the hook (reduce mode
-        without autograd); the rest go through the measure functions."""
-        if self.mode != "reduce" or self.differentiable or not self.measures:
+        """The measures x scopes that the statistics engine computes in the hook (reduce mode;
+        with ``differentiable`` the perplexity and entropy measures); the rest go through the
+        measure functions."""
+        if self.mode != "reduce" or not self.measures:
             return None
         from xai_sparsity.measuring.engine import Plan
 
@@ -823,8 +824,12 @@ class Capture:
         fast: dict[str, Tensor] = {}
         sums = None
         if self._plan is not None and out.is_floating_point():
-            with torch.no_grad():
-                fast, sums = self._engine_values(self._plan, name, out, module, args)
+            if self.differentiable:
+                with torch.enable_grad():
+                    fast = self._plan.grad_values(out)
+            else:
+                with torch.no_grad():
+                    fast, sums = self._engine_values(self._plan, name, out, module, args)
         grad = torch.enable_grad() if self.differentiable else torch.no_grad()
         assert self._measure_fn is not None or not self.measures
         values: dict[str, Tensor] = {}

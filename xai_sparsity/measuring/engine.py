@@ -741,6 +741,77 @@ class Plan:
             out[f"{m}:{scope}"] = v.view(b, *x.shape[2:]) if scope == "spatial" else v
         return out
 
+    def grad_values(self, x: Tensor) -> dict[str, Tensor]:
+        """The perplexity and entropy values of the plan with autograd (the sparsity penalty):
+        H from one pass of sums, its gradient dH/da_j = -(ln p_j + H) / S in a chunked backward
+        without tensor-sized temporaries (first order only). Other measures: not here."""
+        out: dict[str, Tensor] = {}
+        entropies: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        for m, scope, kind, transform in self.items:
+            n = scope_size(scope, x.shape)
+            if m not in ("perplexity", "entropy") or n < 2:
+                continue
+            if (transform, scope) not in entropies:
+                entropies[(transform, scope)] = _Entropy.apply(x, scope, transform)
+            h, s = entropies[(transform, scope)]
+            v = sparsity_from_entropy(h, s <= 0, n, "entropy" if m == "entropy" else kind)
+            out[f"{m}:{scope}"] = v.view(x.shape[0], *x.shape[2:]) if scope == "spatial" else v
+        return out
+
+
+class _Entropy(torch.autograd.Function):
+    """H of the groups of a scope (and their S, not differentiable) from one :func:`batch_sums`
+    pass; backward dH/da_j = -(ln a'_j - ln S' + H) / (S' m_b), times da/dx (sign(x) for "abs",
+    1[x > 0] for "relu"): 0 at exact zeros and for dead groups. First order only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scope: str, transform: str) -> tuple[Tensor, Tensor]:
+        need = Need(log=True)
+        req = Request(
+            need if transform == "abs" else None,
+            need if transform == "relu" else None,
+            channel=scope != "layer",
+            spatial=scope == "spatial",
+        )
+        part = batch_sums(x, req).part(transform)
+        s = part.of("s", scope)
+        h = entropy_from_sums(s, part.of("t", scope))
+        ctx.save_for_backward(x, h, s, part.scale)
+        ctx.scope, ctx.transform = scope, transform
+        ctx.mark_non_differentiable(s)
+        return h, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_h: Tensor, _grad_s: Tensor | None) -> tuple[Any, ...]:
+        x, h, s, scale = ctx.saved_tensors
+        units = _as_units(x)
+        b, c, p = units.shape
+        group = {"layer": (b, 1, 1), "channel": (b, c, 1), "spatial": (b, 1, p)}[ctx.scope]
+        s, h = s.reshape(group), h.reshape(group)
+        live = s > 0
+        safe = torch.where(live, s, 1.0)
+        off = torch.where(live, safe.log() - h, 0.0)  # ln S' - H
+        coef = torch.where(live, grad_h.reshape(group).to(s.dtype), 0.0)
+        coef = coef.div_(safe * scale.view(b, 1, 1)).neg_()  # -dL/dH / S
+        inv = scale.reciprocal().view(b, 1, 1)
+        grad = torch.empty_like(units)
+        k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if x.device.type == "cpu" else b
+        buf = _scratch(2 * k * c * p, s.dtype, x.device).view(2, k, c, p)
+        for start in range(0, b, k):
+            stop = start + k
+            xc = units[start:stop]
+            a, d = buf[0, : xc.shape[0]], buf[1, : xc.shape[0]]
+            _load(xc, a, ctx.transform)
+            a.mul_(inv[start:stop]).clamp_min_(LOG_FLOOR[a.dtype]).log_()
+            a.sub_(off[start:stop]).mul_(coef[start:stop])
+            if ctx.transform == "abs":
+                a.mul_(torch.sign(xc, out=d) if xc.dtype == d.dtype else torch.sign(xc))
+            else:
+                a.mul_(xc > 0)
+            grad[start:stop].copy_(a)
+        return grad.view(x.shape), None, None
+
 
 def _plan_item(measure: str, opts: Mapping[str, Any]) -> tuple[str, str, Need] | None:
     """(kind, transform, need) of a measure with these options, or None to leave it to its

@@ -121,6 +121,23 @@ def test_trainer_and_monitor_write_identical_rows(tmp_path: Path) -> None:
         for n in layers:
             assert light[f"sparsity:{n}"] == trainer_row[f"train_sparsity:{n}"]
     assert worst == 0.0
+    # the competitor signals: one monitor replays the three checkpoints in order
+    model = _model_of(RunDir(runs[1]), cfg)
+    monitor = SparsityMonitor(
+        model,
+        probe,
+        out=tmp_path / "signals",
+        batch_size=cfg.eval_batch_size,
+        array_every=0,
+        warning=False,
+        signals=True,
+    )
+    for epochs, path in runs.items():
+        model.load_state_dict(RunDir(path).load_checkpoint("last")["model"])
+        monitor.epoch_end(epochs)
+    replayed = RunDir(tmp_path / "signals").history().set_index("epoch")
+    columns = ["confidence", "pred_entropy", *(f"cka_drift:{n}" for n in layers)]
+    pd.testing.assert_frame_equal(replayed[columns], full[columns])
 
 
 def _model_of(run: RunDir, cfg: TrainConfig) -> torch.nn.Module:

@@ -41,7 +41,14 @@ from torch import Tensor, nn
 from xai_sparsity.base import __version__
 from xai_sparsity.base.errors import XaiSparsityError, check_choice
 from xai_sparsity.base.modules import eval_no_grad, model_device_dtype, unwrap
-from xai_sparsity.training.probe import MEASURES, SCOPES, ProbeSettings, order_layers, probe_pass
+from xai_sparsity.training.probe import (
+    MEASURES,
+    SCOPES,
+    ProbeSettings,
+    ProbeSignals,
+    order_layers,
+    probe_pass,
+)
 
 __all__ = ["SparsityMonitor"]
 
@@ -339,6 +346,10 @@ class SparsityMonitor:
             ``train_batch_sparsity:<layer>``; see :meth:`attach` and :meth:`track_training`.
         log_to_tensorboard: a ``torch.utils.tensorboard.SummaryWriter`` or a log folder: per-layer
             scalars and a histogram of per-sample sparsity each measured epoch.
+        signals: also the label-free competitor columns of the trainer, from the same probe
+            pass: ``confidence``, ``pred_entropy`` (the model's outputs, when it returns one
+            (B, K) tensor) and ``cka_drift:<layer>`` (against the previous measured epoch; NaN at
+            the first one, also after a restart, as the previous matrices live in memory only).
 
     Attributes:
         run: the :class:`xai_sparsity.RunDir` written.
@@ -369,6 +380,7 @@ class SparsityMonitor:
         warning: Mapping[str, Any] | bool | None = None,
         train_stats_every: int | None = None,
         log_to_tensorboard: Any = None,
+        signals: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise XaiSparsityError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -393,6 +405,7 @@ class SparsityMonitor:
         self.last_arrays: dict[str, np.ndarray] = {}
         self.last_row: dict[str, Any] = {}
         self.timings: list[float] = []  # seconds per probe pass
+        self._signals = ProbeSignals() if signals else None
 
         self.probe, self.probe_labels = _materialize_probe(probe)
         self._probe_cache: tuple[torch.device, torch.dtype | None, Tensor] | None = None
@@ -430,6 +443,7 @@ class SparsityMonitor:
             correlation=self.correlation,
             spatial_images=self.spatial_images,
             batch_size=self.batch_size,
+            signals=self._signals is not None,
         )
 
     def _open_run(self) -> None:
@@ -475,9 +489,9 @@ class SparsityMonitor:
         device = device or torch.device("cpu")
         return (self.device or device), dtype
 
-    def _forward(self, x: Tensor) -> None:
+    def _forward(self, x: Tensor) -> Any:
         try:
-            self._root(x)
+            return self._root(x)
         except XaiSparsityError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -682,6 +696,8 @@ class SparsityMonitor:
             if value is not None:
                 row[key] = as_float(value)
         row.update(result["scalars"])
+        if self._signals is not None:
+            row.update(self._signals.columns(result))
         row.update(extra or {})
         self.run.append_history(row)
         self._last_epoch = epoch

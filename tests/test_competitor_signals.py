@@ -203,3 +203,35 @@ def test_ww_alpha_every_k_epochs_changes_no_other_column(
     assert df["ww_alpha"].isna().tolist() == [True, False, False]  # epochs 2 and 3 (the last)
     assert df["ww_alpha"].iloc[1:].between(0.5, 50).all()
     pd.testing.assert_frame_equal(df[list(ref.columns)], ref)
+
+
+def test_resume_with_val_and_all_signals_is_identical(tmp_path: Path) -> None:
+    pytest.importorskip("weightwatcher")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(row: dict) -> None:  # type: ignore[type-arg]
+        if row["epoch"] == 2:
+            raise Killed
+
+    cfg = tiny(val_size=30, signals=["ww_alpha"], dropout=0.3, epochs=4)
+    reference = train(cfg, tmp_path / "ref", progress=False).history()
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "run", progress=False, callbacks=[kill_after_2])
+    resumed = train(cfg, tmp_path / "run", progress=False).history()
+    pd.testing.assert_frame_equal(resumed, reference)
+    assert resumed["cka_drift:features.relu1"].iloc[1:].notna().all()
+
+
+def test_run_written_before_the_new_settings_still_resumes(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "run"
+    first = train(tiny(epochs=1), out, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    for key in ("val_size", "signals", "ww_every"):
+        config.pop(key)
+    (out / "config.json").write_text(json.dumps(config))
+    again = train(tiny(epochs=1), out, progress=False)  # no "other settings" error
+    pd.testing.assert_frame_equal(again.history(), first.history())

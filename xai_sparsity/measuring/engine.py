@@ -328,12 +328,17 @@ def _index(need: Need) -> dict[str, int]:
     return {name: i for i, name in enumerate(need.slots())}
 
 
-def _eager(units: Tensor, req: Request, *, fix_inf: bool = False) -> Sums:
+_FINITE_MEAN = 2
+"""``fix_inf`` of the redo: m_b is the mean of the finite values (1 = an Inf mean becomes 1)."""
+
+
+def _eager(units: Tensor, req: Request, *, fix_inf: int = 0) -> Sums:
     """The pass over (B, C, P) ``units``: per chunk of samples one (slots, k, C, P) buffer holds
     a' and the terms of T, Q, Z of every part, reduced over positions (and over channels).
 
-    ``fix_inf``: m_b = 1 where the mean is not finite (on the CPU such samples are redone so
-    after the pass: a NaN or Inf then stays in its own units)."""
+    ``fix_inf``: 1: m_b = 1 where the mean is not finite (accelerators); :data:`_FINITE_MEAN`:
+    m_b = the mean of the finite values (on the CPU, samples with a NaN or Inf are redone so
+    after the pass): a NaN or Inf then stays in its own units."""
     lay = _layout(req)
     b, c, p = units.shape
     nslot, on_cpu = len(lay.slots), units.device.type == "cpu"
@@ -346,7 +351,8 @@ def _eager(units: Tensor, req: Request, *, fix_inf: bool = False) -> Sums:
     for start in range(0, b, k):
         xc = units[start : start + k]
         w, ws = views.of(xc.shape[0])
-        first, rest, scale, light = _chunk(xc, w, ws, lay, zero, fix_inf or not on_cpu, req.spatial)
+        fix = fix_inf or int(not on_cpu)
+        first, rest, scale, light = _chunk(xc, w, ws, lay, zero, fix, req.spatial)
         firsts.append(first)
         rests.append(rest)
         scales.append(scale)
@@ -403,7 +409,7 @@ def _redo_unscaled(units: Tensor, req: Request, sums: Sums) -> None:
     sums again with m_b = 1, so the other units of the sample stay as the measure functions give
     them."""
     rows = torch.nonzero(~torch.isfinite(sums.parts[next(iter(sums.parts))].scale)).flatten()
-    again = _eager(units[rows], req, fix_inf=True)
+    again = _eager(units[rows], req, fix_inf=_FINITE_MEAN)
     for name, part in sums.parts.items():
         redo = again.parts[name]
         part.scale[rows] = redo.scale
@@ -420,7 +426,7 @@ def _chunk(
     ws: list[Tensor],
     lay: _Layout,
     zero: Tensor | None,
-    fix_inf: bool,
+    fix_inf: int,
     spatial: bool,
 ) -> tuple[Tensor, Any, Tensor, Any]:
     """One chunk of :func:`_eager`: fills w (slots, n, C, P); returns S per unit (n, C) of the
@@ -434,10 +440,14 @@ def _chunk(
     if need.zero:
         _zeros(a, need.tol, ws[slot["z"]])
     s_raw = a.sum(dim=2)  # (n, C)
-    scale = s_raw.sum(1).div_(a.shape[1] * a.shape[2])
-    scale = torch.where(scale > 0, scale, 1.0)  # all-zero or NaN sample: 1
+    if fix_inf == _FINITE_MEAN:  # the redo of samples with a NaN/Inf: the mean of the rest
+        scale = torch.where(torch.isfinite(a), a, 0.0).sum(dim=(1, 2))
+    else:
+        scale = s_raw.sum(1)
+    # 0: 1; NaN or Inf: redone on the CPU (see _eager), 1 on accelerators
+    scale = torch.where(scale == 0, 1.0, scale.div_(a.shape[1] * a.shape[2]))
     if fix_inf:
-        scale.nan_to_num_(posinf=1.0)
+        scale.nan_to_num_(nan=1.0, posinf=1.0)
     inv = scale.reciprocal().view(n, 1, 1)
     a.mul_(inv)
     if need.log:

@@ -261,3 +261,44 @@ def test_lifetime_from_streamed_sums_matches_the_reference(
     got = E.sparsity_from_sums(s, t, x64.shape[0], variant)
     want = lifetime_sparsity(x64, variant, transform)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@PROPERTY
+@given(
+    activations(rank=4),
+    st.sampled_from(["normalized", "relative", "entropy"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_layer_and_channel_from_unit_sums_match_the_reference(
+    x64: torch.Tensor, kind: str, positive: bool, per_unit: bool
+) -> None:
+    x = x64.float()
+    u = E.unit_sums(x, split=True, per_unit=per_unit)
+    positions = x[0].numel() // u.s.shape[1]
+    scopes = ("layer", "channel") if per_unit else ("layer",)
+    got = E.layer_and_channel(u, positions, kind, positive=positive, scopes=scopes)
+    t = torch.relu(x) if positive else x
+    for scope, value in got.items():
+        if kind == "entropy":
+            want = compute_measure("entropy", t, scope)
+        else:
+            want = perplexity_sparsity(t, scope, variant=kind)
+        _assert_matches(value, want, 3e-5, (scope, kind))
+    assert set(got) == {s for s in scopes if E.scope_size(s, x.shape) >= 2}
+
+
+def test_layer_stats_keys_and_errors() -> None:
+    dense = torch.randn(5, 9)
+    d = E.layer_stats(dense, hoyer=False, zeros=False)
+    assert set(d) == {"perplexity", "entropy", "unit_sum"}
+    assert set(E.layer_stats(torch.rand(2, 3, 4, 4))) == {
+        "perplexity",
+        "entropy",
+        "unit_sum",
+        "channel",
+        "hoyer",
+        "zero_fraction",
+    }
+    with pytest.raises(E.XaiSparsityError, match="at least 2 units"):
+        E.layer_stats(torch.ones(3, 1))

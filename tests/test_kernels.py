@@ -1,4 +1,7 @@
-"""The unit-sums kernel and capture's one-pass path (conv -> ReLU sharing)."""
+"""The unit-sums kernel and capture's one-pass path (conv -> ReLU sharing).
+
+The engine's values against the reference measures, for every measure and input: the property
+tests in tests/test_engine.py."""
 
 from __future__ import annotations
 
@@ -24,28 +27,6 @@ def _batch(seed: int = 0, shape: tuple[int, ...] = (11, 6, 5, 7)) -> torch.Tenso
     return x
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_eager_sums_match_definition(dtype: torch.dtype) -> None:
-    x = _batch().to(dtype)
-    u = K.unit_sums(x, split=True, kernel="eager")
-    xd = x.double()
-    mean = xd.abs().flatten(1).mean(1)
-    scale = torch.where(mean > 0, mean, 1.0).view(-1, 1, 1)
-    a = xd.abs().flatten(2) / scale
-    pos = xd.clamp_min(0).flatten(2) / scale
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert u.s.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(u.scale.double(), scale.flatten(), rtol=tol, atol=tol)
-    torch.testing.assert_close(u.s.double(), a.sum(2), rtol=tol, atol=tol)
-    torch.testing.assert_close(u.t.double(), torch.xlogy(a, a).sum(2), rtol=tol, atol=tol)
-    assert u.s_pos is not None and u.t_pos is not None
-    torch.testing.assert_close(u.s_pos.double(), pos.sum(2), rtol=tol, atol=tol)
-    torch.testing.assert_close(u.t_pos.double(), torch.xlogy(pos, pos).sum(2), rtol=tol, atol=tol)
-    # raw sums back from the scaled ones
-    raw_s = u.s.double() * scale.view(-1, 1)
-    torch.testing.assert_close(raw_s, xd.abs().flatten(2).sum(2), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1.0, 1e6, 1e30])
 def test_sums_keep_precision_at_any_magnitude(magnitude: float) -> None:
     x = _batch(5).double() * magnitude
@@ -68,22 +49,6 @@ def test_chunks_and_per_unit_agree() -> None:
     torch.testing.assert_close(whole.t[:, 0], u.t.sum(1), rtol=1e-5, atol=1e-4)
     dense = K.unit_sums(torch.randn(3, 10))
     assert dense.s.shape == (3, 1)
-
-
-def test_measures_from_sums_match_measure_functions() -> None:
-    x = _batch(2)
-    u = K.unit_sums(x, split=True)
-    for kind, ref in (
-        ("normalized", lambda t, sc: perplexity_sparsity(t, sc)),
-        ("relative", lambda t, sc: perplexity_sparsity(t, sc, variant="relative")),
-        ("entropy", lambda t, sc: entropy_sparsity(t, sc)),
-    ):
-        for positive, t in ((False, x), (True, x.clamp_min(0))):
-            got = K.layer_and_channel(u, 35, kind, positive=positive)
-            torch.testing.assert_close(got["layer"], ref(t, "layer"), rtol=0, atol=2e-6)
-            torch.testing.assert_close(got["channel"], ref(t, "channel"), rtol=0, atol=2e-6)
-    # dead maps count as PP = 1
-    assert K.layer_and_channel(u, 35, "normalized")["layer"][2].item() == 1.0
 
 
 def test_kernel_choice_is_validated() -> None:
@@ -245,25 +210,6 @@ def test_a_relu_after_an_in_place_change_is_measured_itself() -> None:
     with torch.no_grad():
         want = perplexity_sparsity(torch.relu(net.conv(x) + 0.5))
     torch.testing.assert_close(cap.stats["relu"]["perplexity:layer"], torch.cat([want, want]))
-
-
-def test_layer_stats_match_measure_functions() -> None:
-    from xai_sparsity.measuring.measures import hoyer_sparsity, zero_fraction
-
-    x = _batch(7)
-    got = K.layer_stats(x)
-    torch.testing.assert_close(got["perplexity"], perplexity_sparsity(x), rtol=0, atol=2e-6)
-    torch.testing.assert_close(got["entropy"], entropy_sparsity(x), rtol=0, atol=2e-6)
-    torch.testing.assert_close(got["hoyer"], hoyer_sparsity(x), rtol=0, atol=2e-6)
-    torch.testing.assert_close(got["zero_fraction"], zero_fraction(x), rtol=0, atol=1e-7)
-    torch.testing.assert_close(got["channel"], perplexity_sparsity(x, "channel"), rtol=0, atol=2e-6)
-    torch.testing.assert_close(got["unit_sum"], x.abs().flatten(2).sum(2), rtol=1e-5, atol=1e-5)
-    dense = torch.randn(5, 9)
-    d = K.layer_stats(dense, hoyer=False, zeros=False)
-    assert set(d) == {"perplexity", "entropy", "unit_sum"}
-    torch.testing.assert_close(d["unit_sum"], dense.abs())
-    with pytest.raises(XaiSparsityError, match="at least 2 units"):
-        K.layer_stats(torch.ones(3, 1))
 
 
 @pytest.mark.parametrize("mode", ["keep", "reduce"])

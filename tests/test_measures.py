@@ -46,7 +46,7 @@ DIFF: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {
 
 
 def _both_paths(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-    """Results of the no-grad (fast) path and of the autograd (guarded) path."""
+    """Results without autograd and with it (one guarded form: the same values)."""
     with torch.no_grad():
         fast = fn(x)
     xg = x.detach().clone().requires_grad_(True)
@@ -308,7 +308,7 @@ def test_registry() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# fast path == guarded path, properties
+# no-grad == autograd, properties (the engine against this reference: tests/test_engine.py)
 
 positive_maps = arrays(
     np.float64,
@@ -322,7 +322,7 @@ maps_with_zeros = arrays(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(positive_maps)
 def test_fast_and_guarded_paths_agree(a: np.ndarray) -> None:
     x32 = torch.from_numpy(a).float()
@@ -331,7 +331,7 @@ def test_fast_and_guarded_paths_agree(a: np.ndarray) -> None:
         assert torch.allclose(fast, guarded, atol=1e-5)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     positive_maps,
     st.floats(1e-20, 1e20),
@@ -347,7 +347,7 @@ def test_scale_and_permutation_invariance(a: np.ndarray, scale: float, rnd: obje
         assert torch.allclose(compute_measure(name, x.float() * scale), ref.float(), atol=1e-5)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(maps_with_zeros, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_range_and_finiteness(a: np.ndarray, dtype: torch.dtype) -> None:
     x = torch.from_numpy(a).to(dtype)

@@ -527,6 +527,43 @@ def scope_applies(scope: str, out: Tensor) -> bool:
     return scope_size(scope, out.shape) >= 2
 
 
+def _check_reduce_options(
+    mode: str,
+    measures: tuple[str, ...],
+    scopes: tuple[str, ...],
+    options: Mapping[str, Any],
+    reduce_fn: Any,
+    stats_fn: Any,
+) -> None:
+    """The measure, option and callback arguments of :class:`Capture`, checked up front."""
+    if mode == "reduce":
+        from xai_sparsity.measuring.measures import MEASURES
+
+        for m in measures:
+            check_choice("measure", m, tuple(MEASURES))
+        _check_measure_options(options, MEASURES)
+        if not measures and reduce_fn is None and stats_fn is None:
+            raise XaiSparsityError("mode='reduce' needs measures=(...) or a reduce_fn")
+        if not scopes and measures:
+            raise XaiSparsityError("mode='reduce' needs at least one scope")
+    for m, opts in options.items():
+        if m not in measures:
+            raise XaiSparsityError(
+                f"measure_options has key {m!r}, which is not among measures={measures}"
+            )
+        if not isinstance(opts, Mapping):
+            raise XaiSparsityError(
+                f"measure_options[{m!r}] must be a dict of keyword arguments, got {opts!r}"
+            )
+    if reduce_fn is not None and not callable(reduce_fn):
+        raise XaiSparsityError(f"reduce_fn must be callable(name, output), got {reduce_fn!r}")
+    if stats_fn is not None and (mode != "reduce" or not callable(stats_fn)):
+        raise XaiSparsityError(
+            f"stats_fn must be callable(name, output, values, sums) with mode='reduce', "
+            f"got {stats_fn!r} with mode={mode!r}"
+        )
+
+
 _RELU_FEEDS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 """Per model: the layers whose output a selected ``nn.ReLU`` takes as input, learnt by reduce-mode
 captures (a hint only: every use is checked by tensor identity and version)."""
@@ -608,32 +645,7 @@ class Capture:
         for s in self.scopes:
             check_choice("scope", s, SCOPES)
         options = dict(measure_options or {})
-        if mode == "reduce":
-            from xai_sparsity.measuring.measures import MEASURES
-
-            for m in self.measures:
-                check_choice("measure", m, tuple(MEASURES))
-            _check_measure_options(options, MEASURES)
-            if not self.measures and reduce_fn is None and stats_fn is None:
-                raise XaiSparsityError("mode='reduce' needs measures=(...) or a reduce_fn")
-            if not self.scopes and self.measures:
-                raise XaiSparsityError("mode='reduce' needs at least one scope")
-        for m, opts in options.items():
-            if m not in self.measures:
-                raise XaiSparsityError(
-                    f"measure_options has key {m!r}, which is not among measures={self.measures}"
-                )
-            if not isinstance(opts, Mapping):
-                raise XaiSparsityError(
-                    f"measure_options[{m!r}] must be a dict of keyword arguments, got {opts!r}"
-                )
-        if reduce_fn is not None and not callable(reduce_fn):
-            raise XaiSparsityError(f"reduce_fn must be callable(name, output), got {reduce_fn!r}")
-        if stats_fn is not None and (mode != "reduce" or not callable(stats_fn)):
-            raise XaiSparsityError(
-                f"stats_fn must be callable(name, output, values, sums) with mode='reduce', "
-                f"got {stats_fn!r} with mode={mode!r}"
-            )
+        _check_reduce_options(mode, self.measures, self.scopes, options, reduce_fn, stats_fn)
         self.stats_fn = stats_fn
         self.measure_options: dict[str, dict[str, Any]] = {m: dict(o) for m, o in options.items()}
         self.offload = bool(offload)
@@ -1025,12 +1037,10 @@ def capture(
             (``"eager"`` or ``"compiled"``; default :func:`~xai_sparsity.measuring.engine.get_kernel`).
             A ReLU right after a measured layer is measured from that layer's pass (its output
             is relu of the input), from the second forward on.
-        stats_fn: reduce mode: ``stats_fn(name, output, values, sums)`` called in the hook after
-            the measures of a call were computed (``name`` as for ``reduce_fn``; ``values`` the
-            ``{f"{measure}:{scope}": Tensor}`` of this call; ``sums`` the engine's
-            :class:`~xai_sparsity.measuring.engine.Sums` of the output, or None when the measure
-            functions computed the values). With it, the engine also keeps the per-channel sums.
-            :func:`~xai_sparsity.capturing.sweeps.sweep` streams its statistics so.
+        stats_fn: reduce mode: ``stats_fn(name, output, values, sums)`` called in the hook with
+            the values of the call (``name`` as for ``reduce_fn``) and the engine's
+            :class:`~xai_sparsity.measuring.engine.Sums` per channel (None where the measure
+            functions computed the values); :func:`~xai_sparsity.capturing.sweeps.sweep` uses it.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     >>> with capture(net, nn.ReLU, mode="reduce", scopes=("layer", "channel")) as cap:

@@ -12,15 +12,13 @@ memory does not grow with the number of images:
 - per unit: lifetime sparsity from S = sum_m a_m and T = sum_m a_m ln a_m over the samples
   (a = the unit's transformed activation, averaged over positions), H = ln S - T / S.
 
-Speed: the four built-in measures come from one chunked pass per layer and transform through
-reused buffers (no tensor-sized temporary): per sample and channel, and per sample and position,
-the sums S = sum a', T = sum a' ln a' (one ``log`` per element; H = ln S - T / S), sum a'^2 (Hoyer)
-and the zero counts, with a' = a scaled per sample; every scope of every measure follows from
-them. A selected ``nn.ReLU`` whose input is the output just measured takes its sums from that
-layer's pass (the log of |x| serves relu(x) too); the pairing is learnt once per model and checked
-by tensor identity and version on every use. Filter correlation uses float32 per-sample Gram
-matrices (float64 sums over samples; r to ~1e-6) for float32 models. Values agree with the measure
-functions to ~1e-6 in float32 (float64 models: ~1e-12).
+The sweep is :func:`~xai_sparsity.capturing.hooks.capture` in reduce mode plus these
+accumulators (capture's ``stats_fn``): every measure comes from capture's one pass per layer of
+the statistics engine (:mod:`xai_sparsity.measuring.engine`), a ReLU right after a measured layer
+from that layer's pass, and the lifetime sums from the same pass's per-channel sums. Filter
+correlation uses float32 per-sample Gram matrices (float64 sums over samples; r to ~1e-6) for
+float32 models. Values agree with the measure functions to ~1e-6 in float32 (float64 models:
+~1e-12).
 
 >>> import torch, torch.nn as nn
 >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())

@@ -96,3 +96,52 @@ def test_bad_analysis_input() -> None:
         analyze(df.iloc[:0])
     with pytest.raises(XaiSparsityError, match="watches layers"):
         EarlyWarning(["x"]).update(1, {"y": 0.1})
+
+
+def _curves(test_loss: np.ndarray, train_loss: np.ndarray | None = None) -> pd.DataFrame:
+    n = len(test_loss)
+    e = np.arange(1, n + 1)
+    train = 0.05 + 2.0 * np.exp(-e / 4.0) if train_loss is None else train_loss
+    return pd.DataFrame({"epoch": e, "train_loss": train, "test_loss": test_loss})
+
+
+def test_label_run_overfits_clean_and_undetermined() -> None:
+    from xai_sparsity.runs import LABEL_SETTINGS, RunLabel, label_run
+
+    e = np.arange(1, 41)
+    turned = label_run(_curves(1.0 + 0.002 * (e - 15) ** 2))
+    assert isinstance(turned, RunLabel) and turned.label == "overfits" and turned.t_L == 15
+    assert turned.rise > 0.05 and "turned" in turned.reason
+    # converged, test loss levelled off: a clean negative
+    plateau = label_run(_curves(0.4 + 1.5 * np.exp(-e / 4.0)))
+    assert plateau.label == "clean" and plateau.converged and not plateau.still_learning
+    assert plateau.peak_rise < LABEL_SETTINGS["flat_tol"]
+    # still falling at the end (the v1 "negatives" with the minimum at the last epoch)
+    falling = label_run(_curves(np.linspace(2.0, 1.0, 40)))
+    assert falling.label == "undetermined" and falling.still_learning
+    assert "still learning" in falling.reason and falling.t_L == 40
+    # a borderline rise (3 %): neither overfits nor clean
+    border = 0.4 + 1.5 * np.exp(-e / 4.0) + 0.03 * np.clip(e - 20, 0, None) / 20
+    b = label_run(_curves(border))
+    assert b.label == "undetermined" and 0.02 <= b.peak_rise < 0.05 and "borderline" in b.reason
+    # test loss flat but the training loss still falling fast: not trained to convergence
+    slow = label_run(_curves(0.4 + 1.5 * np.exp(-e / 4.0), train_loss=np.linspace(2, 0.2, 40)))
+    assert slow.label == "undetermined" and not slow.converged and "convergence" in slow.reason
+    # a rise that came back down is not clean: it turned once
+    bump = 0.4 + 1.5 * np.exp(-e / 4.0) + 0.1 * np.exp(-(((e - 22) / 4.0) ** 2))
+    bumped = label_run(_curves(bump))
+    assert bumped.label == "undetermined" and bumped.peak_rise > 0.02 and bumped.rise == 0.0
+    # a turn too close to the end is not yet "overfits"
+    late = label_run(_curves(1.0 + 0.01 * np.clip(e - 38, 0, None) ** 2 + 0.01 * (40 - e) / 40))
+    assert late.label != "overfits"
+
+
+def test_label_run_needs_columns_and_epochs() -> None:
+    from xai_sparsity.runs import label_run
+
+    with pytest.raises(XaiSparsityError, match="test_loss"):
+        label_run(pd.DataFrame({"epoch": [1, 2]}))
+    short = label_run(_curves(np.array([1.0, 0.9, 0.8])))
+    assert short.label == "undetermined" and "too few" in short.reason
+    no_train = label_run(_curves(np.full(20, 0.5)).drop(columns="train_loss"))
+    assert no_train.label == "undetermined" and not no_train.converged

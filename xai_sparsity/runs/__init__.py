@@ -18,6 +18,9 @@ _EXPORTS = {
     "overfitting_onset": "analysis",
     "sustained_rise_onset": "analysis",
     "DEFAULT_RULE": "analysis",
+    "label_run": "analysis",
+    "RunLabel": "analysis",
+    "LABEL_SETTINGS": "analysis",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
@@ -25,10 +28,13 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from xai_sparsity.runs.analysis import (
         DEFAULT_RULE,
+        LABEL_SETTINGS,
         Analysis,
         EarlyWarning,
         RiseDetector,
+        RunLabel,
         analyze,
+        label_run,
         overfitting_onset,
         sustained_rise_onset,
     )

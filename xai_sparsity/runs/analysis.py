@@ -122,6 +122,162 @@ def overfitting_onset(
     return Onset(int(ep[i]), bool(turned), rise)
 
 
+LABEL_SETTINGS: dict[str, Any] = {
+    "alpha": DEFAULT_RULE["alpha"],
+    "patience": DEFAULT_RULE["patience"],
+    "min_rel_rise": DEFAULT_RULE["min_rel_rise"],
+    "flat_tol": 0.02,
+    "train_tol": 0.05,
+    "tail": 0.25,
+}
+"""Default settings of :func:`label_run` (chosen a priori, see docs/definitions.md "Run labels")."""
+
+LABELS = ("overfits", "clean", "undetermined")
+
+
+@dataclass(frozen=True)
+class RunLabel:
+    """The label of one run (see :func:`label_run`).
+
+    ``label`` is one of ``LABELS``; ``t_L`` the epoch of the smoothed test-loss minimum; ``rise``
+    the smoothed test loss at the last epoch relative to that minimum (``0.07`` = 7 % above);
+    ``converged`` whether the smoothed training loss levelled off over the last quarter;
+    ``still_learning`` whether the smoothed test loss still fell over the last quarter;
+    ``peak_rise`` the largest rise of the smoothed test loss above its running minimum (any turn,
+    also one that came back down); ``reason`` one sentence saying why.
+    """
+
+    label: str
+    t_L: int | None
+    rise: float
+    converged: bool
+    still_learning: bool
+    reason: str
+    peak_rise: float = 0.0
+
+
+def _tail_start(n: int, tail: float) -> int:
+    """Index of the first value of the last ``tail`` share of ``n`` values (at least 2 values)."""
+    return max(0, n - max(2, math.ceil(tail * n)))
+
+
+def _train_levelled(history: pd.DataFrame, alpha: float, tol: float, tail: float) -> bool:
+    """Whether the smoothed training loss changed by at most ``tol`` times its whole fall over the
+    run (first to lowest value) across the last ``tail`` of the epochs."""
+    if "train_loss" not in history.columns:
+        return False
+    loss = history["train_loss"].to_numpy(dtype=float)
+    loss = loss[~np.isnan(loss)]
+    if len(loss) < 4:
+        return False
+    s = smooth(loss, alpha)
+    start = _tail_start(len(s), tail)
+    fall = s[0] - float(s.min())
+    change = abs(s[start] - s[-1])
+    return bool(change <= tol * fall) if fall > 0 else bool(change == 0.0)
+
+
+def label_run(
+    history: pd.DataFrame,
+    *,
+    alpha: float = LABEL_SETTINGS["alpha"],
+    patience: int = LABEL_SETTINGS["patience"],
+    min_rel_rise: float = LABEL_SETTINGS["min_rel_rise"],
+    flat_tol: float = LABEL_SETTINGS["flat_tol"],
+    train_tol: float = LABEL_SETTINGS["train_tol"],
+    tail: float = LABEL_SETTINGS["tail"],
+) -> RunLabel:
+    """Label a run "overfits", "clean" or "undetermined" from its history (docs/definitions.md,
+    "Run labels"); it reads ``epoch``, ``test_loss`` and ``train_loss``.
+
+    * overfits: the smoothed test loss has its minimum at ``t_L`` at least ``patience`` epochs
+      before the end and ends at least ``min_rel_rise`` above it (``overfitting_onset``'s "turned");
+    * clean: trained to convergence (the smoothed training loss changed by at most ``train_tol`` of
+      its whole fall over the last ``tail`` of the epochs) and the test loss never turned (it never rose
+      more than ``flat_tol`` above its running minimum) nor still fell (it fell by at most
+      ``flat_tol`` over the last ``tail`` of the epochs);
+    * undetermined: everything else (still learning, a borderline rise); excluded from scoring.
+
+    >>> import pandas as pd
+    >>> h = pd.DataFrame({"epoch": range(1, 9), "train_loss": [2, 1, .5, .3, .2, .2, .2, .2],
+    ...                   "test_loss": [3, 2, 1, 1.2, 1.5, 2, 2.5, 3]})
+    >>> label_run(h, alpha=1.0).label
+    'overfits'
+    """
+    if "test_loss" not in history.columns or "epoch" not in history.columns:
+        raise XaiSparsityError(
+            f"label_run needs 'epoch' and 'test_loss' columns; got {sorted(history.columns)}"
+        )
+    onset = overfitting_onset(
+        history["test_loss"].tolist(),
+        history["epoch"].astype(int).tolist(),
+        alpha=alpha,
+        min_rel_rise=min_rel_rise,
+        patience=patience,
+    )
+    loss = history["test_loss"].to_numpy(dtype=float)
+    s = smooth(loss[~np.isnan(loss)], alpha) if onset.t_L is not None else np.array([])
+    converged = _train_levelled(history, alpha, train_tol, tail)
+    if len(s) < 4:
+        return RunLabel(
+            "undetermined",
+            onset.t_L,
+            onset.rise,
+            converged,
+            False,
+            f"only {len(s)} epochs with a test loss: too few to label",
+            0.0,
+        )
+    running_low = np.minimum.accumulate(s)
+    turns = np.where(
+        running_low > 0, s / np.where(running_low > 0, running_low, 1.0) - 1.0, s - running_low
+    )
+    peak_rise = float(turns.max())
+    start = _tail_start(len(s), tail)
+    tail_fall = float(1.0 - s[-1] / s[start]) if s[start] > 0 else float(s[start] - s[-1])
+    still_learning = tail_fall > flat_tol
+    label, reason = _label_reason(
+        onset, peak_rise, tail_fall, converged, min_rel_rise, flat_tol, patience
+    )
+    return RunLabel(label, onset.t_L, onset.rise, converged, still_learning, reason, peak_rise)
+
+
+def _label_reason(
+    onset: Onset,
+    peak_rise: float,
+    tail_fall: float,
+    converged: bool,
+    min_rel_rise: float,
+    flat_tol: float,
+    patience: int,
+) -> tuple[str, str]:
+    """The label and its one-sentence reason (see :func:`label_run`)."""
+    if onset.turned:
+        return "overfits", (
+            f"the test loss turned: minimum at epoch {onset.t_L}, {onset.rise:+.1%} by the end"
+        )
+    if peak_rise >= flat_tol:
+        return "undetermined", (
+            f"borderline: the test loss rose up to {peak_rise:+.1%} above its running minimum "
+            f"(ending {onset.rise:+.1%} above its minimum at epoch {onset.t_L}; overfits needs "
+            f"{min_rel_rise:+.0%} at least {patience} epochs after the minimum, clean under "
+            f"{flat_tol:+.0%})"
+        )
+    if tail_fall > flat_tol:
+        return "undetermined", (
+            f"still learning: the test loss fell {tail_fall:.1%} over the last quarter of the epochs"
+        )
+    if not converged:
+        return "undetermined", (
+            "not trained to convergence: the training loss had not levelled off over the last "
+            "quarter of the epochs"
+        )
+    return "clean", (
+        f"trained to convergence and the test loss never turned (at most {peak_rise:+.1%} above "
+        f"its running minimum; minimum at epoch {onset.t_L})"
+    )
+
+
 class RiseDetector:
     """Causal detector of a sustained rise in one series: the one rule behind ``t_s``, the live
     early warning and the study's ``max_qualifying_rise``.

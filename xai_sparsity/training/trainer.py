@@ -8,7 +8,11 @@ Hoyer and entropy sparsity, filter correlation (mean |r|), dead channels, lifeti
 the same perplexity sparsity on a fixed subset of training inputs (``train_sparsity``). Every
 ``array_every`` epochs and at the last epoch it saves per-channel and per-sample sparsity,
 spatial sparsity maps of ``spatial_images`` fixed probe images, correlation matrices and
-lifetime sparsity.
+lifetime sparsity. After these columns come the label-free competitor signals of issue 13
+(docs/definitions.md): ``confidence``, ``pred_entropy`` and ``cka_drift:<layer>`` from the same
+probe pass, ``gsnr`` and ``gsnr_median`` from the epoch's gradients, ``ww_alpha`` when
+``signals=["ww_alpha"]``; and with ``val_size > 0`` ``val_loss`` and ``val_acc`` on a validation
+split carved from the training pool.
 
 A killed run resumes from ``checkpoints/last.pt`` (model, optimiser, epoch, every RNG state and
 the data-order generator) and, on the CPU, ends with the identical history.

@@ -665,3 +665,37 @@ def test_functional_conv_values_match_manual() -> None:
         net(x)
     expected = perplexity_sparsity(F.conv2d(x, conv.weight, conv.bias), "spatial")
     assert torch.allclose(cap.stats["0"]["perplexity:spatial"], expected, atol=1e-6)
+
+
+def test_stats_fn_gets_the_values_and_the_engine_sums() -> None:
+    """stats_fn(name, output, values, sums) per call: the values stored in cap.stats, and the
+    engine's per-channel sums of the output (raw S = S * scale), also for a ReLU measured from
+    the pass of its input (its sums are those of relu(input))."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten()).eval()
+    x = torch.randn(4, 2, 6, 6)
+    seen: dict[str, list[tuple[torch.Tensor, dict[str, torch.Tensor], object]]] = {}
+
+    def stats_fn(
+        name: str, out: torch.Tensor, values: dict[str, torch.Tensor], sums: object
+    ) -> None:
+        seen.setdefault(name, []).append((out.detach().clone(), dict(values), sums))
+
+    with (
+        torch.no_grad(),
+        capture(net, ["0", "1"], mode="reduce", measures=("hoyer",), stats_fn=stats_fn) as cap,
+    ):
+        net(x)
+        net(x)  # the second forward measures the ReLU from the conv's pass
+    assert set(seen) == {"0", "1"} and all(len(v) == 2 for v in seen.values())
+    for name, calls in seen.items():
+        for k, (out, values, sums) in enumerate(calls):
+            stored = cap.stats[name]["hoyer:layer"][4 * k : 4 * k + 4]
+            torch.testing.assert_close(values["hoyer:layer"], stored)
+            part = sums.part("abs")  # type: ignore[attr-defined]
+            raw = part.c("s") * part.scale.view(-1, 1)
+            torch.testing.assert_close(raw, out.abs().flatten(2).sum(2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(XaiSparsityError, match="stats_fn"):
+        capture(net, mode="keep", stats_fn=stats_fn)
+    only = capture(net, mode="reduce", measures=(), stats_fn=stats_fn)  # no measures: allowed
+    assert only.layers == ["0", "1"]

@@ -70,12 +70,14 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "KERNELS",
     "LOG_FLOOR",
+    "SQUARE_FACTOR",
     "Need",
     "Plan",
     "Request",
     "Sums",
     "UnitSums",
     "batch_sums",
+    "compiled_available",
     "entropy_from_sums",
     "entropy_sums",
     "get_kernel",
@@ -348,10 +350,10 @@ def _eager(units: Tensor, req: Request, *, fix_inf: int = 0) -> Sums:
     zero = torch.zeros((), dtype=buf.dtype, device=buf.device) if squares else None
     firsts, rests, positions, scales, lights = [], [], [], [], []
     views = _Views(buf)
+    fix = fix_inf or int(not on_cpu)
     for start in range(0, b, k):
         xc = units[start : start + k]
         w, ws = views.of(xc.shape[0])
-        fix = fix_inf or int(not on_cpu)
         first, rest, scale, light = _chunk(xc, w, ws, lay, zero, fix, req.spatial)
         firsts.append(first)
         rests.append(rest)
@@ -405,9 +407,9 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def _redo_unscaled(units: Tensor, req: Request, sums: Sums) -> None:
-    """Samples whose mean |x| is not finite (an Inf, or a sum beyond the dtype's range): their
-    sums again with m_b = 1, so the other units of the sample stay as the measure functions give
-    them."""
+    """Samples whose mean is not finite (a NaN or Inf, or a sum beyond the dtype's range): their
+    sums again with m_b = the mean of their finite values, so the other units of the sample stay
+    as the measure functions give them."""
     rows = torch.nonzero(~torch.isfinite(sums.parts[next(iter(sums.parts))].scale)).flatten()
     again = _eager(units[rows], req, fix_inf=_FINITE_MEAN)
     for name, part in sums.parts.items():

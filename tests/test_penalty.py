@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -125,3 +126,28 @@ def test_auto_targets(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(XaiSparsityError, match="did not"):
         auto_targets(never)
     assert isinstance(run.history(), pd.DataFrame)
+
+
+def _with_val_loss(run: RunDir, val_loss: list[float]) -> RunDir:
+    history = run.history().assign(val_loss=val_loss)
+    run.history_path.unlink()
+    for row in history.to_dict("records"):
+        run.append_history(row)
+    return run
+
+
+def test_auto_targets_read_the_validation_loss_and_choose_among_conv_maps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With a validation split the test loss is never read; only layers with maps qualify."""
+    n = 30
+    turns = [2.0 - 0.1 * t if t < 12 else 0.8 + 0.05 * (t - 12) for t in range(n)]
+    falls = [2.0 - 0.05 * t for t in range(n)]  # never turns
+    early = [0.5] * 4 + [0.5 + 0.03 * t for t in range(n - 4)]
+    # the test loss never turned, the validation loss did: the targets come from the latter
+    run = _with_val_loss(_history(tmp_path / "a", falls, {"conv1": early, "fc.relu": early}), turns)
+    assert auto_targets(run) == ["conv1", "fc.relu"]  # no arrays kept: every measured layer
+    run.save_arrays(1, {"spatial:conv1": np.zeros((1, 3, 3)), "layer:fc.relu": np.zeros(1)})
+    assert auto_targets(run) == ["conv1"]  # the dense ReLU has no maps
+    # the test loss turned, the validation loss did not: no targets from the test set
+    flat = _with_val_loss(_history(tmp_path / "b", turns, {"conv1": early}), falls)
+    with pytest.raises(XaiSparsityError, match="validation loss turned"):
+        auto_targets(flat)

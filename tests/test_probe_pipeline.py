@@ -173,3 +173,24 @@ def test_probe_statistics_and_monitor_agree_to_the_last_bit(tmp_path: Path) -> N
     assert arrays.keys() == result["arrays"].keys()
     for key, value in arrays.items():
         np.testing.assert_array_equal(value, result["arrays"][key], err_msg=key)
+
+
+def test_correlation_over_images_is_the_mean_abs_r_of_channel_means() -> None:
+    """``correlation_images:`` is filter correlation over images (claim 4's density-free check)."""
+    import torch
+    from torch import nn
+
+    from xai_sparsity.measuring.correlation import correlation_summary, filter_correlation
+    from xai_sparsity.training.probe import ProbeSettings, probe_pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 2))
+    x = torch.rand(40, 1, 8, 8)
+    result = probe_pass(net, x, ["1"], ProbeSettings(), arrays=False)
+    with torch.no_grad():
+        maps = net[1](net[0](x))
+    expected = correlation_summary(filter_correlation(maps, over="images"))
+    got = result["scalars"]["correlation_images:1"]
+    assert abs(got - expected) < 1e-5, (got, expected)
+    names = list(result["scalars"])
+    assert names.index("correlation_images:1") > names.index("lifetime:1")  # after older columns

@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from xai_sparsity.base.errors import XaiSparsityError, check_choice
+from xai_sparsity.runs.rundir import RunDir, as_run
 
 if TYPE_CHECKING:
     from xai_sparsity.capturing.hooks import Capture, LayerSpec
-    from xai_sparsity.runs.rundir import RunDir
 
 SCOPES = ("layer", "channel", "spatial")
 VARIANTS = ("normalized", "relative")
@@ -228,35 +228,69 @@ class SparsityPenalty:
         return total * self.lam
 
 
+def feature_map_layers(run: RunDir | str | os.PathLike[str]) -> list[str]:
+    """The measured layers of a run that have spatial maps (conv activations), in column order.
+
+    Read from the run's last array file; falls back to every measured layer when the run kept no
+    arrays. Names carry no ``#k`` call suffix.
+    """
+    r = as_run(run)
+    layers = r.layers
+    epochs = r.array_epochs()
+    if epochs:
+        arrays = r.load_arrays(epochs[-1])
+        spatial = [n for n in layers if f"spatial:{n}" in arrays]
+        if spatial:
+            layers = spatial
+    out: list[str] = []
+    for name in layers:
+        base = name.split("#", 1)[0]
+        if base not in out:
+            out.append(base)
+    return out
+
+
 def auto_targets(
     baseline_run: RunDir | str | os.PathLike[str],
     *,
     measure: str = "sparsity",
     **rule: Any,
 ) -> list[str]:
-    """The layers whose sparsity rose at or before the test-loss minimum of a baseline run.
+    """The conv activations whose sparsity rose at or before the held-out-loss minimum of a
+    baseline run.
 
-    Uses :func:`xai_sparsity.runs.analysis.analyze` (``rule`` overrides its settings): layers with a
-    sustained-rise onset ``t_s <= t_L``. Names carry a ``#k`` suffix only for reused modules;
-    the suffix is dropped (a penalty on a module covers all its calls).
+    The held-out loss is the baseline's validation loss (``val_loss``, a split carved from the
+    training data) when it has one, else its test loss: a study that chooses its penalty on a
+    validation split never reads the test set to choose the targets. Candidates are the layers
+    with spatial maps (:func:`feature_map_layers`), so "auto" chooses among the same layers as
+    ``penalty_layers="all"`` and ``"deepest"``. Uses :func:`xai_sparsity.runs.analysis.analyze`
+    (``rule`` overrides its settings): layers with a sustained-rise onset ``t_s <= t_L``. Names
+    carry no ``#k`` suffix (a penalty on a module covers all its calls).
 
-    Raises :class:`XaiSparsityError` when the baseline's test loss never turned (no ``t_L``).
+    Raises :class:`XaiSparsityError` when the baseline's held-out loss never turned (no ``t_L``).
     Returns an empty list when no layer's sparsity rose before ``t_L``.
     """
     from xai_sparsity.runs.analysis import analyze
 
-    result = analyze(baseline_run, measure=measure, **rule)
+    run = as_run(baseline_run)
+    history = run.history()
+    which = "validation"
+    if "val_loss" in history.columns and history["val_loss"].notna().any():
+        history = history.assign(test_loss=history["val_loss"])
+    else:
+        which = "test"
+    result = analyze(history, measure=measure, **rule)
     if not result.turned or result.t_L is None:
         raise XaiSparsityError(
-            f"automatic targeting needs a baseline whose test loss turned; {baseline_run!s} did "
-            f"not (minimum at epoch {result.t_L}, rise {result.rise:+.1%}). Train the baseline "
-            "longer or name the layers to penalise."
+            f"automatic targeting needs a baseline whose {which} loss turned; {baseline_run!s} "
+            f"did not (minimum at epoch {result.t_L}, rise {result.rise:+.1%}). Train the "
+            "baseline longer or name the layers to penalise."
         )
+    candidates = set(feature_map_layers(run))
     chosen: list[str] = []
     for name in result.layers:
         t = result.t_s.get(name)
-        if t is not None and t <= result.t_L:
-            base = name.split("#", 1)[0]
-            if base not in chosen:
-                chosen.append(base)
+        base = name.split("#", 1)[0]
+        if t is not None and t <= result.t_L and base in candidates and base not in chosen:
+            chosen.append(base)
     return chosen

@@ -13,7 +13,9 @@ Columns per layer, in this order (``<prefix>:<layer>``): ``sparsity`` (mean laye
 perplexity sparsity), ``sparsity_std`` (population std), one column per further measure
 (``zero_fraction``, ``hoyer``, ``entropy``), ``train_sparsity`` (the trainer's fixed training
 inputs, when given), ``correlation`` (mean |r|) and ``dead`` (constant channels), ``lifetime``
-(mean over units of the lifetime sparsity). Arrays (npz keys): ``layer:``, ``channel:``,
+(mean over units of the lifetime sparsity); after every layer's columns, with ``correlation``,
+``correlation_images:<layer>``: the mean |r| of the channels' per-image means (over images, so it
+does not grow with the density of the maps as the correlation over positions does). Arrays (npz keys): ``layer:``, ``channel:``,
 ``spatial:``, ``correlation:``, ``lifetime:``.
 
 With ``ProbeSettings(signals=True)`` the same pass also keeps the model's outputs and, per layer,
@@ -100,7 +102,8 @@ class _LayerSums:
         self.channel_sum: Tensor | None = None  # (C,) sum over samples of the channel sparsity
         self.spatial: list[Tensor] = []  # (b, H, W) maps of the first spatial_images samples
         self.unit_means: list[Tensor] = []  # (B, C) mean |a| per unit, for lifetime sparsity
-        self.corr: Any = None  # CorrelationAccumulator
+        self.corr: Any = None  # CorrelationAccumulator over images and positions
+        self.corr_images: Any = None  # CorrelationAccumulator over images (channel means)
         self.pooled: list[Tensor] = []  # (B, C) mean over positions per image (signals only)
 
 
@@ -158,7 +161,12 @@ class ProbeReducer:
             from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
             acc.corr = CorrelationAccumulator(over="positions", precision="single")
+            if x.dim() >= 3:
+                # over images (each channel's mean per image): does not grow with map density
+                acc.corr_images = CorrelationAccumulator(over="images", precision="single")
         acc.corr.update(x)
+        if acc.corr_images is not None:
+            acc.corr_images.update(x)
 
     def _maps(self, acc: _LayerSums, x: Tensor, stats: Mapping[str, Tensor]) -> None:
         """Channel and spatial arrays of one batch (x of rank >= 3)."""
@@ -203,6 +211,7 @@ class ProbeReducer:
                 arrays.update(self._arrays(name, acc, per_sample[name], lifetime))
             if acc.pooled:
                 pooled[name] = torch.cat(acc.pooled)
+        self._image_correlations(scalars, order)
         return {"scalars": scalars, "arrays": arrays, "per_sample": per_sample, "pooled": pooled}
 
     def _scalars(
@@ -231,6 +240,16 @@ class ProbeReducer:
         lifetime = lifetime_sparsity(torch.cat(acc.unit_means), check_finite=False)
         scalars[f"lifetime:{name}"] = float(lifetime.double().mean())
         return lifetime
+
+    def _image_correlations(self, scalars: dict[str, float], order: Sequence[str]) -> None:
+        """``correlation_images:<layer>`` (mean |r| of the channels' per-image means), after
+        every other column so that older history columns keep their places."""
+        for name in order:
+            acc = self.layers.get(name)
+            if acc is None and name.endswith("#0"):
+                acc = self.layers.get(name[:-2])
+            if acc is not None and acc.corr_images is not None and acc.corr_images.n >= 2:
+                scalars[f"correlation_images:{name}"] = float(acc.corr_images.mean_abs())
 
     def _arrays(
         self, name: str, acc: _LayerSums, per_sample: np.ndarray, lifetime: Tensor | None

@@ -1394,7 +1394,7 @@ def resolve_auto_targets(cfg: TrainConfig, baseline: RunDir | None, where: Path)
         targets = []
         reason = str(err)
     else:
-        reason = "no layer's sparsity rose before the baseline's test-loss minimum"
+        reason = "no conv layer's sparsity rose before the baseline's held-out-loss minimum"
     if targets:
         return cfg.replace(penalty_layers=targets, penalty_baseline=str(baseline.path))
     fallback = _deepest_penalisable(baseline)
@@ -1408,13 +1408,9 @@ def resolve_auto_targets(cfg: TrainConfig, baseline: RunDir | None, where: Path)
 
 def _deepest_penalisable(baseline: RunDir) -> str:
     """The last measured layer that has spatial maps (a conv activation) in the baseline."""
-    epochs = baseline.array_epochs()
-    layers = baseline.layers
-    if epochs:
-        arrays = baseline.load_arrays(epochs[-1])
-        spatial = [n for n in layers if f"spatial:{n}" in arrays]
-        if spatial:
-            return spatial[-1].split("#", 1)[0]
+    from xai_sparsity.training.penalty import feature_map_layers
+
+    layers = feature_map_layers(baseline)
     if not layers:
         raise XaiSparsityError(f"baseline run {baseline.name!r} has no measured layers")
-    return layers[-1].split("#", 1)[0]
+    return layers[-1]

@@ -8,9 +8,13 @@ import pytest
 
 from xai_sparsity import XaiSparsityError
 from xai_sparsity.runs.analysis import (
+    DEFAULT_RULE,
     EarlyWarning,
     analyze,
     ema,
+    gated_rise_epoch,
+    gated_rise_score,
+    levelled_off_epoch,
     overfitting_onset,
     smooth,
     sustained_rise_onset,
@@ -70,6 +74,7 @@ def test_early_warning_is_causal_and_fires_once() -> None:
     fired: list[int] = []
     w = EarlyWarning(
         ["a"],
+        rule="ema_rise",
         alpha=1.0,
         patience=2,
         min_rise=0.05,
@@ -80,7 +85,9 @@ def test_early_warning_is_causal_and_fires_once() -> None:
     results = [w.update(i + 1, {"a": v}) for i, v in enumerate(series)]
     assert results == [False, False, False, True, False, False]
     assert fired == [4] and w.fired_epoch == 4
-    gated = EarlyWarning(["a"], alpha=1.0, patience=2, min_rise=0.05, warmup=0, min_train_acc=0.99)
+    gated = EarlyWarning(
+        ["a"], rule="ema_rise", alpha=1.0, patience=2, min_rise=0.05, warmup=0, min_train_acc=0.99
+    )
     assert not any(gated.update(i + 1, {"a": v}, train_acc=0.5) for i, v in enumerate(series))
 
 
@@ -96,6 +103,8 @@ def test_bad_analysis_input() -> None:
         analyze(df.iloc[:0])
     with pytest.raises(XaiSparsityError, match="watches layers"):
         EarlyWarning(["x"]).update(1, {"y": 0.1})
+    with pytest.raises(XaiSparsityError, match="rule='gated' is not one of 'gated_rise'"):
+        EarlyWarning(rule="gated")
 
 
 def _curves(test_loss: np.ndarray, train_loss: np.ndarray | None = None) -> pd.DataFrame:
@@ -145,3 +154,80 @@ def test_label_run_needs_columns_and_epochs() -> None:
     assert short.label == "undetermined" and "too few" in short.reason
     no_train = label_run(_curves(np.full(20, 0.5)).drop(columns="train_loss"))
     assert no_train.label == "undetermined" and not no_train.converged
+
+
+def _learning_then(after: np.ndarray | None = None, epochs: int = 40) -> pd.DataFrame:
+    """A run whose sparsity jumps by 0.1 during the learning phase (epochs 2-5, while the training
+    loss falls steeply) and is flat afterwards, unless ``after`` (added from epoch 21) says so."""
+    e = np.arange(1, epochs + 1)
+    sparsity = 0.6 + 0.1 * np.clip((e - 1) / 4, 0, 1)
+    if after is not None:
+        sparsity = sparsity + after
+    return pd.DataFrame(
+        {
+            "epoch": e,
+            "train_loss": 0.02 + 2.0 * np.exp(-e / 3.0),
+            "train_acc": 0.9,
+            "test_loss": np.linspace(1.0, 0.5, epochs),  # never turns
+            "sparsity:conv1": sparsity,
+            "sparsity:conv2": sparsity,
+        }
+    )
+
+
+def test_gated_rule_ignores_the_learning_phase() -> None:
+    df = _learning_then()
+    gate = levelled_off_epoch(df["train_loss"])
+    assert gate is not None and 8 <= gate <= 16
+    assert analyze(df, rule="ema_rise").warning_epoch == 4  # v1: fires in the learning phase
+    assert gated_rise_epoch(df) is None and analyze(df).warning_epoch is None
+    assert analyze(df).gate_epoch == gate
+    # a rise after the training loss levelled off fires the repaired rule, on the raw values
+    e = np.arange(1, 41)
+    late = _learning_then(after=0.01 * np.clip(e - 20, 0, None))
+    fired = gated_rise_epoch(late)
+    assert fired == 24  # raw >= baseline + 0.02 from epoch 22 on, for patience = 3 epochs
+    assert analyze(late).warning_epoch == 24
+    # the score is the largest min_rise at which it still fires, exactly
+    score = gated_rise_score(late)
+    assert score == pytest.approx(0.18)
+    assert gated_rise_epoch(late, min_rise=score) == 40
+    assert gated_rise_epoch(late, min_rise=score + 1e-9) is None
+    assert gated_rise_score(df) == pytest.approx(0.0)  # flat after the gate
+    with pytest.raises(XaiSparsityError, match="min_rise"):
+        gated_rise_score(late, min_rise=0.1)
+
+
+def test_gated_rule_checks_patience_on_raw_values_and_never_reads_the_test_loss() -> None:
+    e = np.arange(1, 41)
+    spike = _learning_then(after=np.where((e >= 25) & (e <= 26), 0.1, 0.0))  # 2 epochs only
+    assert gated_rise_epoch(spike) is None
+    assert analyze(spike, rule="ema_rise", warmup=10).warning_epoch is not None  # the EMA kept it
+    late = _learning_then(after=0.01 * np.clip(e - 20, 0, None))
+    shuffled = late.assign(test_loss=np.random.default_rng(0).permutation(late["test_loss"]))
+    assert gated_rise_epoch(shuffled) == gated_rise_epoch(late.drop(columns="test_loss")) == 24
+    # min_layers: 2 of 2 layers needed, only one rises
+    one = late.assign(**{"sparsity:conv2": _learning_then()["sparsity:conv2"]})
+    assert gated_rise_epoch(one, min_layers=2) is None and gated_rise_epoch(one) == 24
+    # the training loss never levels off: never fires, score -inf
+    falling = late.assign(train_loss=np.linspace(3.0, 0.1, 40))
+    assert gated_rise_epoch(falling) is None and gated_rise_score(falling) == -np.inf
+
+
+def test_gated_rule_without_training_loss_warns_and_stays_silent() -> None:
+    w = EarlyWarning(["a"])
+    with pytest.warns(UserWarning, match="needs the training loss"):
+        assert not any(w.update(i, {"a": 0.1 * i}) for i in range(1, 10))
+    assert DEFAULT_RULE["rule"] == "gated_rise"
+
+
+def test_a_run_that_did_not_turn_has_no_lead() -> None:
+    e = np.arange(1, 41)
+    late = _learning_then(after=0.01 * np.clip(e - 20, 0, None))
+    a = analyze(late)
+    assert not a.turned and a.warning_epoch == 24 and a.warning_lead is None
+    assert all(v is None for v in a.lead.values()) and a.t_s["conv1"] is not None
+    text = str(a)
+    assert "the test loss did not turn" in text and "lead -" not in text and "lead 1" not in text
+    assert "no lead" in text and "levelled off at epoch" in text
+    assert a.to_dict()["warning_lead"] is None

@@ -70,7 +70,8 @@ def test_train_then_analyze(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--config", str(cfg), *TINY, "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "lead per layer" in printed
+    assert str(out) in printed
+    assert "lead per layer" in printed or "did not turn, so there is no lead" in printed
     assert json.loads((out / "config.json").read_text())["lr"] == 0.05
     assert main(["analyze", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -79,6 +80,60 @@ def test_train_then_analyze(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "features.relu2" in capsys.readouterr().out
     assert main(["analyze", str(out), "--rule", "patiense=2"]) == 2
     assert "unknown analysis setting" in capsys.readouterr().err
+
+
+def _run_dir(path: Path, test_loss: list[float]) -> Path:
+    import numpy as np
+
+    from xai_sparsity.runs import RunDir
+
+    run = RunDir(path, create=True)
+    n = len(test_loss)
+    for e in range(1, n + 1):
+        run.append_history(
+            {
+                "epoch": e,
+                "train_loss": 0.02 + 2.0 * float(np.exp(-e / 3.0)),
+                "train_acc": 0.9,
+                "test_loss": test_loss[e - 1],
+                "test_acc": 0.8,
+                "sparsity:conv1": 0.6 + 0.01 * e,
+                "sparsity:conv2": 0.6 + 0.01 * e,
+            }
+        )
+    return path
+
+
+def test_analyze_prints_no_lead_for_a_run_that_did_not_turn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flat = _run_dir(tmp_path / "flat", [1.0 - 0.01 * e for e in range(30)])
+    assert main(["analyze", str(flat)]) == 0
+    text = capsys.readouterr().out
+    assert "the test loss did not turn" in text and "no lead" in text
+    assert "lead=" not in text and "lead -" not in text and "(lead " not in text
+    assert "early warning (gated_rise): epoch" in text  # it fires (sparsity keeps rising) ...
+    assert main(["analyze", str(flat), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["warning_lead"] is None and set(result["lead"].values()) == {None}
+    turned = _run_dir(tmp_path / "turned", [1.0 + 0.01 * (e - 12) ** 2 for e in range(30)])
+    assert main(["analyze", str(turned), "--rule", "rule=ema_rise"]) == 0
+    text = capsys.readouterr().out
+    assert "turned" in text and "lead=" in text and "early warning (ema_rise): epoch" in text
+
+
+def test_summary_text_has_no_lead_for_a_run_that_did_not_turn() -> None:
+    from xai_sparsity.cli import _analysis_text
+
+    class Run:
+        summary = {  # noqa: RUF012 - a stand-in for RunDir.summary
+            "best_test_acc": 0.9,
+            "final_test_acc": 0.9,
+            "analysis": {"t_L": 30, "turned": False, "rise": 0.0, "lead": {"conv1": 20}},
+        }
+
+    text = _analysis_text(Run())
+    assert "did not turn, so there is no lead" in text and "20" not in text
 
 
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

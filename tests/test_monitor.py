@@ -338,7 +338,14 @@ def test_early_warning_calls_back_and_can_stop(tmp_path: Path) -> None:
         out=tmp_path,
         correlation=False,
         on_warning=on_warning,
-        warning={"alpha": 1.0, "patience": 2, "min_rise": 0.02, "warmup": 0, "min_layers": 1},
+        warning={
+            "rule": "ema_rise",
+            "alpha": 1.0,
+            "patience": 2,
+            "min_rise": 0.02,
+            "warmup": 0,
+            "min_layers": 1,
+        },
     )
     stopped_at = None
     with torch.no_grad():
@@ -354,6 +361,8 @@ def test_early_warning_calls_back_and_can_stop(tmp_path: Path) -> None:
     assert stopped_at is not None and stopped_at == monitor.warning_epoch
     assert len(calls) == 1 and calls[0][0] == stopped_at
     assert "relu" in calls[0][1]["layers"]
+    assert calls[0][1]["message"].startswith(f"Early warning at epoch {stopped_at}: the smoothed")
+    assert "likely" not in calls[0][1]["message"]
     # a restarted monitor replays the history and does not fire again for the past
     again = SparsityMonitor(
         model,
@@ -361,9 +370,42 @@ def test_early_warning_calls_back_and_can_stop(tmp_path: Path) -> None:
         layers="relu",
         out=tmp_path,
         correlation=False,
-        warning={"alpha": 1.0, "patience": 2, "min_rise": 0.02, "warmup": 0, "min_layers": 1},
+        warning={
+            "rule": "ema_rise",
+            "alpha": 1.0,
+            "patience": 2,
+            "min_rise": 0.02,
+            "warmup": 0,
+            "min_layers": 1,
+        },
     )
     assert again.warning_epoch == stopped_at
+
+
+def test_default_early_warning_waits_for_the_training_loss_to_level_off(tmp_path: Path) -> None:
+    model = _Sparsifier()
+    probe = torch.rand(16, 1, 8, 8)
+    monitor = SparsityMonitor(
+        model,
+        probe,
+        layers="relu",
+        out=tmp_path,
+        correlation=False,
+        warning={"alpha": 1.0, "min_layers": 1},
+    )
+    with torch.no_grad():
+        model.conv.weight.fill_(0.1)
+        model.conv.bias.fill_(0.0)
+    train_loss = [2.0, 1.0, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]
+    for epoch, loss in enumerate(train_loss, start=1):
+        monitor.epoch_end(epoch, train_loss=loss, test_loss=1.0)
+        with torch.no_grad():
+            model.conv.bias -= 0.08  # sparsity rises every epoch, also while learning
+    info = monitor.warning_info
+    assert monitor.warning_epoch is not None and info is not None
+    gate = info["gate_epoch"]
+    assert gate == 7 and monitor.warning_epoch == gate + 3  # 3 epochs above the gate value
+    assert "after the training loss levelled off at epoch" in info["message"]
 
 
 def test_training_batch_statistics(tmp_path: Path) -> None:

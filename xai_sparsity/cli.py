@@ -214,8 +214,8 @@ def _compare(args: argparse.Namespace) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a setting of the rule (alpha, patience, min_rise, min_rel_rise, warmup, "
-        "min_layers, min_train_acc)",
+        help="override a setting of the rule (rule=gated_rise|ema_rise, alpha, patience, "
+        "min_rise, min_rel_rise, warmup, min_layers, min_train_acc, gate_window, gate_tol)",
     ),
     arg("--json", action="store_true", help="print JSON instead of text"),
 )
@@ -307,13 +307,17 @@ def _analysis_text(run: Any) -> str:
     a = summary.get("analysis", {})
     if "error" in a or not a:
         return f"analysis: {a.get('error', 'not available')}"
-    turned = "turned" if a["turned"] else "did not turn"
-    leads = ", ".join(f"{k}: {v}" for k, v in (a.get("lead") or {}).items())
-    return (
+    accuracy = (
         f"best test acc {summary.get('best_test_acc', float('nan')):.4f}, final "
         f"{summary.get('final_test_acc', float('nan')):.4f}; test loss minimum at epoch "
-        f"{a['t_L']} ({turned}, rise {a['rise']:+.1%}); lead per layer: {leads}"
+        f"{a['t_L']}"
     )
+    if not a["turned"]:  # no lead for a run that did not turn (also in older summaries)
+        return (
+            f"{accuracy} (rise {a['rise']:+.1%}): the test loss did not turn, so there is no lead"
+        )
+    leads = ", ".join(f"{k}: {v}" for k, v in (a.get("lead") or {}).items())
+    return f"{accuracy} (turned, rise {a['rise']:+.1%}); lead per layer: {leads}"
 
 
 def _settings_intro(cfg: Any, arms: Sequence[str], wall: float) -> str:

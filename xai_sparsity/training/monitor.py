@@ -339,8 +339,11 @@ class SparsityMonitor:
         device: where the probe runs (default: the device of the model's parameters).
         on_warning: ``on_warning(monitor, epoch, info)`` called once when the early warning
             fires; return True (or set ``monitor.should_stop = True``) to ask the loop to stop.
-        warning: keyword arguments of :class:`xai_sparsity.runs.EarlyWarning` (``layers``, ``alpha``,
-            ``patience``, ``min_rise``, ``warmup``, ``min_layers``), or False to switch it off.
+        warning: keyword arguments of :class:`xai_sparsity.runs.EarlyWarning` (``layers``,
+            ``rule``, ``patience``, ``min_rise``, ``min_layers``, ``gate_window``, ``gate_tol``,
+            ...), or False to switch it off. The default rule waits for the training loss to level
+            off, so pass ``train_loss`` to :meth:`epoch_end`. ``info["message"]`` says what was
+            measured.
         train_stats_every: if set, track layer-scope perplexity on every k-th training batch
             (in the training forward's own hooks, no extra forward), logged as
             ``train_batch_sparsity:<layer>``; see :meth:`attach` and :meth:`track_training`.
@@ -590,8 +593,10 @@ class SparsityMonitor:
             acc = (
                 None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else float(acc)
             )
+            loss = r.get("train_loss")
+            loss = None if loss is None or math.isnan(float(loss)) else float(loss)
             with contextlib.suppress(XaiSparsityError):
-                if self._early.update(int(r["epoch"]), values, acc):
+                if self._early.update(int(r["epoch"]), values, acc, train_loss=loss):
                     self.warning_epoch = int(r["epoch"])
 
     # ------------------------------------------------------------------------- measuring
@@ -713,13 +718,20 @@ class SparsityMonitor:
         if self._early is None:
             return
         values = {k.split(":", 1)[1]: v for k, v in row.items() if k.startswith("sparsity:")}
-        acc = row.get("train_acc")
-        if not self._early.update(epoch, values, None if acc is None else float(acc)):
+        acc, loss = row.get("train_acc"), row.get("train_loss")
+        if not self._early.update(
+            epoch,
+            values,
+            None if acc is None else float(acc),
+            train_loss=None if loss is None else float(loss),
+        ):
             return
         self.warning_epoch = epoch
         info = {
             "epoch": epoch,
             "layers": dict(self._early.confirmed),
+            "gate_epoch": self._early.gate_epoch,
+            "message": f"Early warning at epoch {epoch}: {self._early.describe()}.",
             "sparsity": values,
             "row": dict(row),
         }

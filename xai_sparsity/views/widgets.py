@@ -30,6 +30,7 @@ its current PNG bytes, and ``obj.controls`` maps each control name to its ipywid
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import os
@@ -1071,6 +1072,13 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _finite(value: Any) -> float | None:
+    """``float(value)``, or None for None, NaN and non-numbers."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
 class TrainingMonitor(_Widget):
     """Live training curves for a notebook: pass it as a trainer callback.
 
@@ -1078,7 +1086,8 @@ class TrainingMonitor(_Widget):
     ``train_acc``, ``test_acc`` and ``sparsity:<layer>`` columns, as in ``history.csv``) and
     redraws, in place, the losses, the accuracies and the per-layer sparsity. An
     :class:`~xai_sparsity.runs.analysis.EarlyWarning` (label-free: it never reads the test loss) watches
-    the sparsity columns; when it fires, a banner says so and every panel marks the epoch.
+    the sparsity columns (by default only after the training loss has levelled off); when it
+    fires, a banner says what was measured and every panel marks the epoch.
 
     Args:
         layers: layers to draw and watch (default: every ``sparsity:<layer>`` column seen).
@@ -1087,7 +1096,7 @@ class TrainingMonitor(_Widget):
         rule: settings of the default early warning (see ``analysis.DEFAULT_RULE``).
         redraw_every: redraw every n-th row (the last row is always drawn by ``redraw()``).
 
-    >>> monitor = TrainingMonitor(rule={"alpha": 1.0, "patience": 2, "warmup": 0})
+    >>> monitor = TrainingMonitor(rule={"rule": "ema_rise", "alpha": 1.0, "patience": 2, "warmup": 0})
     >>> for e, s in enumerate([0.5, 0.5, 0.55, 0.6, 0.65], start=1):
     ...     monitor({"epoch": e, "train_loss": 1 / e, "test_loss": 1.0, "sparsity:relu": s})
     >>> monitor.warning_epoch
@@ -1146,9 +1155,12 @@ class TrainingMonitor(_Widget):
                 n: float(clean[f"sparsity:{n}"]) for n in self._layers() if f"sparsity:{n}" in clean
             }
             if values:
-                acc = clean.get("train_acc")
+                acc, loss = clean.get("train_acc"), clean.get("train_loss")
                 self.early_warning.update(
-                    int(clean["epoch"]), values, None if acc is None else float(acc)
+                    int(clean["epoch"]),
+                    values,
+                    _finite(acc),
+                    train_loss=_finite(loss),
                 )
         if len(self.rows) % self.redraw_every == 0:
             self._redraw()
@@ -1206,14 +1218,22 @@ class TrainingMonitor(_Widget):
         text = ", ".join(parts)
         ew = self.early_warning
         if ew is not None and ew.fired:
-            layers = ", ".join(f"{n} (epoch {e})" for n, e in ew.confirmed.items())
+            what = html.escape(ew.describe())
             return (
                 f"<div style='background:{_HIGHLIGHT};color:white;padding:6px 10px;"
-                f"border-radius:4px'><b>Early warning at epoch {ew.fired_epoch}</b>: a sustained "
-                f"sparsity rise in {layers}; overfitting is likely to begin (the test loss was "
-                f"not used).</div><div>{text}</div>"
+                f"border-radius:4px'><b>Early warning at epoch {ew.fired_epoch}</b>: "
+                f"{what} (measured without the test loss; whether the test loss turns is not "
+                f"known yet).</div><div>{text}</div>"
             )
-        watching = f"; early warning watching {len(self._layers())} layers" if ew else ""
+        watching = ""
+        if ew is not None:
+            waiting = ew.rule == "gated_rise" and ew.gate_epoch is None
+            gate = (
+                "; waiting for the training loss to level off"
+                if waiting
+                else (f" since epoch {ew.gate_epoch}" if ew.gate_epoch is not None else "")
+            )
+            watching = f"; early warning watching {len(self._layers())} layers{gate}"
         return f"<div>{text}{watching}</div>"
 
     def _redraw(self) -> None:

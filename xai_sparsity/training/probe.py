@@ -6,7 +6,9 @@ and a user's loop compute every column by the same code. One forward per probe b
 mode and without autograd; inside the hooks each layer's output goes once through
 :func:`xai_sparsity.measuring.engine.layer_stats` (every layer-scope measure, the channel-scope
 perplexity and the per-unit sums of the lifetime sparsity) and, with ``correlation``, through a
-:class:`~xai_sparsity.measuring.correlation.CorrelationAccumulator` (``precision="single"``).
+:class:`~xai_sparsity.measuring.correlation.CorrelationAccumulator` (``precision="double"``: float64
+products, as the trainer always had; the monitor's former float32 path was about 0.1 s faster per
+500 probe images of the default CNN and differed by up to 3.5e-6 in mean |r| on tiny models).
 Nothing but small per-sample and per-channel results is kept.
 
 Columns per layer, in this order (``<prefix>:<layer>``): ``sparsity`` (mean layer-scope
@@ -160,10 +162,10 @@ class ProbeReducer:
         if acc.corr is None:
             from xai_sparsity.measuring.correlation import CorrelationAccumulator
 
-            acc.corr = CorrelationAccumulator(over="positions", precision="single")
+            acc.corr = CorrelationAccumulator(over="positions", precision="double")
             if x.dim() >= 3:
                 # over images (each channel's mean per image): does not grow with map density
-                acc.corr_images = CorrelationAccumulator(over="images", precision="single")
+                acc.corr_images = CorrelationAccumulator(over="images", precision="double")
         acc.corr.update(x)
         if acc.corr_images is not None:
             acc.corr_images.update(x)

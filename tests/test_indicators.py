@@ -14,18 +14,22 @@ from xai_sparsity import XaiSparsityError
 from xai_sparsity.runs.analysis import EarlyWarning
 from xai_sparsity.study.indicators import (
     INDICATORS,
+    PLATEAU_ALPHA,
+    PLATEAU_WINDOW,
     RunData,
     choose_threshold,
     confusion,
+    cross_validated,
     evaluate_run,
     feature_layers,
     fire_column,
     get_indicator,
     max_qualifying_rise,
-    roc_auc,
+    run_labels,
+    run_settings,
     score_indicators,
-    split_runs,
 )
+from xai_sparsity.study.stats import bootstrap_by_group
 
 LAYERS = ["features.relu1", "features.relu2"]
 
@@ -77,10 +81,21 @@ def test_flat_run_never_fires_and_rising_run_fires() -> None:
 
 def test_firing_epoch_equals_the_harness_early_warning() -> None:
     h = history([RISE_AT_6, RISE_AT_6])
-    w = EarlyWarning(LAYERS, min_rise=0.02)
+    w = EarlyWarning(LAYERS, rule="ema_rise", min_rise=0.02)
     fired = [w(row) for row in h[["epoch", *[f"sparsity:{n}" for n in LAYERS]]].to_dict("records")]
     expected = int(h["epoch"][int(np.argmax(fired))])
     assert get_indicator("ew_perplexity").firing_epoch(RunData(h)) == expected
+
+
+def test_gated_indicator_is_the_repaired_rule_of_the_harness() -> None:
+    from xai_sparsity.runs.analysis import gated_rise_epoch, gated_rise_score
+
+    loss = [2.0, 1.0, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    h = history([RISE_AT_6, RISE_AT_6]).assign(train_loss=loss)
+    ind = get_indicator("gated_perplexity")
+    for t in (0.02, 0.1, 0.3):
+        assert ind.firing_epoch(RunData(h), t) == gated_rise_epoch(h, LAYERS, min_rise=t)
+    assert ind.score(RunData(h)) == gated_rise_score(h, LAYERS)
 
 
 @settings(max_examples=60, deadline=None)
@@ -91,7 +106,7 @@ def test_firing_epoch_equals_the_harness_early_warning() -> None:
 def test_score_is_the_largest_threshold_that_fires(values: list[float], theta: float) -> None:
     epochs = np.arange(1, len(values) + 1)
     score = max_qualifying_rise(values, epochs)
-    w = EarlyWarning(["a"], min_rise=theta, min_layers=1)
+    w = EarlyWarning(["a"], rule="ema_rise", min_rise=theta, min_layers=1)
     fired = any(w.update(int(e), {"a": v}) for e, v in zip(epochs, values, strict=True))
     assert fired == (score >= theta)
 
@@ -129,111 +144,177 @@ def test_unknown_indicator_names_the_choices() -> None:
         get_indicator("ew_perplexty")
 
 
-def test_split_is_deterministic_stratified_and_halved() -> None:
-    ids = [f"run{i}" for i in range(20)]
-    labels = [i % 3 == 0 for i in range(20)]
-    a = split_runs(ids, labels, seed=0)
-    assert (a == split_runs(ids, labels, seed=0)).all()
-    assert a.sum() == math.ceil(7 / 2) + math.ceil(13 / 2)
-    lab = np.array(labels)
-    assert a[lab].sum() == math.ceil(lab.sum() / 2)
-    assert not (a == split_runs(ids, labels, seed=1)).all()
-    with pytest.raises(XaiSparsityError):
-        split_runs(["x", "x"], [True, False])
+def test_confusion_counts_timely_hits_late_firings_and_false_alarms() -> None:
+    c = confusion(
+        [6, 7, 3, None, 2, None, 5],
+        ["overfits", "overfits", "overfits", "overfits", "clean", "clean", "undetermined"],
+        [5, 5, 5, 5, 20, 20, 3],
+    )
+    # epoch 6 = t_L + 1 is a hit, epoch 7 is late (a miss), never firing is a miss.
+    assert (c.tp, c.late, c.fn, c.fp, c.tn) == (2, 1, 2, 1, 1)
+    assert (c.precision, c.recall, c.false_alarm_rate) == (2 / 3, 0.5, 0.5)
 
 
-def test_roc_auc_and_confusion() -> None:
-    assert roc_auc([1, 2, 3, 4], [False, False, True, True]) == 1.0
-    assert roc_auc([4, 3, 2, 1], [False, False, True, True]) == 0.0
-    assert roc_auc([1, 1], [False, True]) == 0.5
-    assert math.isnan(roc_auc([1, 2], [True, True]))
-    c = confusion([True, True, True, False], [True, True, False, False])
-    assert (c.precision, c.recall, c.false_alarm_rate) == (2 / 3, 1.0, 0.5)
-
-
-def _table(n: int = 16) -> pd.DataFrame:
-    """Constructed summary: a fake indicator 'train_acc' with known firing per threshold.
-
-    Positives (turned, t_L = 10) fire at 0.99 at epoch 7; at 1.0 only half of them fire (epoch 9).
-    Negatives fire at 0.99 in one run of four (epoch 5) and never at 1.0. Lower thresholds fire
-    everywhere.
-    """
+def _summary(fires: dict[str, dict[float, float | None]], **extra: list[object]) -> pd.DataFrame:
+    """Summary rows for 'train_acc' from ``{run_id: {threshold: firing epoch}}``; the other
+    thresholds of the grid never fire. Extra columns: ``label``, ``t_L``, ``setting`` lists."""
+    grid = get_indicator("train_acc").grid
     rows = []
-    for i in range(n):
-        pos = i % 2 == 0
-        row: dict[str, object] = {"run_id": f"r{i:02d}", "turned": pos, "t_L": 10 if pos else 25}
-        for t in get_indicator("train_acc").grid:
-            if t < 0.99:
-                fire = 3
-            elif t == 0.99:
-                fire = 7 if pos else (5 if i % 8 == 1 else None)
-            else:
-                fire = 9 if pos and i % 4 == 0 else None
-            row[fire_column("train_acc", t)] = fire
-        row["fire:train_acc"] = row[fire_column("train_acc", 0.99)]
-        row["score:train_acc"] = (
-            1.0 if row[fire_column("train_acc", 1.0)] else 0.99 if row["fire:train_acc"] else 0.98
-        )
+    for k, (run_id, by_t) in enumerate(fires.items()):
+        row: dict[str, object] = {"run_id": run_id}
+        row.update({key: values[k] for key, values in extra.items()})
+        row.update({fire_column("train_acc", t): by_t.get(t) for t in grid})
+        row["fire:train_acc"] = by_t.get(0.99)
+        fired = [t for t in grid if by_t.get(t) is not None]
+        row["score:train_acc"] = max(fired) if fired else 0.5
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def test_scoring_known_precision_recall_and_lead() -> None:
-    table = _table()
-    calib = split_runs(table["run_id"].tolist(), table["turned"].tolist())
-    y_cal = table["turned"].to_numpy()[calib]
-    # Youden J on the calibration half: at 0.99 recall 1 minus the false alarms there; the chosen
-    # threshold must come from the calibration half only.
-    t = choose_threshold(table[calib], "train_acc", y_cal)
-    assert t in (0.99, 1.0)
-    res = score_indicators(table, ["train_acc"]).iloc[0]
-    assert res["threshold"] == t
-    ev = table[~calib]
-    col = fire_column("train_acc", t)
-    fired = ev[col].notna().to_numpy()
-    y = ev["turned"].to_numpy()
-    assert res["tp"] == int((fired & y).sum()) and res["fp"] == int((fired & ~y).sum())
-    assert res["precision"] == pytest.approx(res["tp"] / (res["tp"] + res["fp"]))
-    assert res["recall"] == pytest.approx(res["tp"] / y.sum())
-    expected_lead = 3.0 if t == 0.99 else 1.0
-    assert res["lead_median"] == expected_lead and res["early_share"] == 1.0
-    assert res["n_eval"] == 8 and res["base_rate"] == 0.5
+def test_hits_count_only_by_t_L_plus_one_and_false_alarms_any_time() -> None:
+    table = _summary(
+        {"a": {0.99: 6}, "b": {0.99: 7}, "c": {0.99: 40}, "d": {}},
+        label=["overfits", "overfits", "clean", "clean"],
+        t_L=[5, 5, 30, 30],
+        setting=["s1", "s1", "s2", "s2"],
+    )
+    cv = cross_validated(table, "train_acc")
+    assert cv["hit"].tolist() == [True, False, False, False]
+    assert cv["false_alarm"].tolist() == [False, False, True, False]
 
 
-def test_threshold_never_tuned_on_the_evaluation_half() -> None:
-    """Changing only evaluation-half runs must not change the chosen threshold."""
-    table = _table()
-    calib = split_runs(table["run_id"].tolist(), table["turned"].tolist())
-    before = score_indicators(table, ["train_acc"]).iloc[0]["threshold"]
-    poisoned = table.copy()
-    for t in get_indicator("train_acc").grid:
-        poisoned.loc[~calib, fire_column("train_acc", t)] = None
-    assert score_indicators(poisoned, ["train_acc"]).iloc[0]["threshold"] == before
-
-
-def test_exact_precision_recall_on_a_hand_built_table() -> None:
-    """Four runs per half, firing chosen so precision = 1/2 and recall = 1/2 on evaluation."""
-    ids = [f"run{i}" for i in range(8)]
-    labels = [True, True, True, True, False, False, False, False]
-    calib = split_runs(ids, labels)
+def test_thresholds_come_from_the_other_settings_only() -> None:
+    """Leave one setting out: changing one setting's runs never changes its own threshold."""
     grid = get_indicator("train_acc").grid
-    rows = []
-    ev_pos = [i for i in range(8) if labels[i] and not calib[i]]
-    ev_neg = [i for i in range(8) if not labels[i] and not calib[i]]
-    for i in range(8):
-        if calib[i]:
-            fire = 4 if labels[i] else None  # perfect on calibration at every threshold
-        else:
-            fire = 4 if i in (ev_pos[0], ev_neg[0]) else None
-        row: dict[str, object] = {"run_id": ids[i], "turned": labels[i], "t_L": 6}
-        row.update({fire_column("train_acc", t): fire for t in grid})
-        row["fire:train_acc"] = fire
-        row["score:train_acc"] = 1.0 if fire else 0.0
-        rows.append(row)
-    res = score_indicators(pd.DataFrame(rows), ["train_acc"]).iloc[0]
-    assert res["threshold"] == max(grid)
-    assert (res["precision"], res["recall"], res["false_alarm_rate"]) == (0.5, 0.5, 0.5)
-    assert res["auc"] == 0.5 and res["lead_median"] == 2.0
+    fires = {}
+    labels, settings_, t_L = [], [], []
+    for s in range(4):
+        for seed in range(2):
+            pos = seed == 0
+            # overfitting runs fire at 0.99 by t_L; clean runs fire at 0.98 and below only.
+            fires[f"s{s}-{seed}"] = {t: 5 for t in grid if t <= (0.99 if pos else 0.98)}
+            labels.append("overfits" if pos else "clean")
+            settings_.append(f"s{s}")
+            t_L.append(6)
+    table = _summary(fires, label=labels, t_L=t_L, setting=settings_)
+    cv = cross_validated(table, "train_acc")
+    assert set(cv["threshold"]) == {0.99}
+    assert cv["hit"].sum() == 4 and cv["false_alarm"].sum() == 0
+    poisoned = table.copy()
+    held = poisoned["setting"] == "s0"
+    for t in grid:  # setting s0 now fires everywhere at every threshold
+        poisoned.loc[held, fire_column("train_acc", t)] = 1
+    cv2 = cross_validated(poisoned, "train_acc")
+    assert cv2.loc[cv2["setting"] == "s0", "threshold"].tolist() == [0.99, 0.99]
+    assert cv2.loc[cv2["setting"] == "s0", "false_alarm"].tolist() == [False, True]
+    # the other settings now see s0's false alarm at every threshold, not only at 0.99
+    assert choose_threshold(poisoned[~held], "train_acc") == 0.99
+
+
+def test_scores_exclude_undetermined_and_runs_without_data() -> None:
+    table = _summary(
+        {"a": {0.99: 3}, "b": {}, "c": {0.99: 3}, "d": {}, "e": {0.99: 3}},
+        label=["overfits", "clean", "overfits", "clean", "undetermined"],
+        t_L=[5, 30, 5, 30, 5],
+        setting=["x", "x", "y", "y", "z"],
+    )
+    table.loc[2, "score:train_acc"] = math.nan  # run c has no data for this indicator
+    res = score_indicators(table, ["train_acc"], rounds=200).iloc[0]
+    assert (res["n_runs"], res["n_excluded"], res["n_no_data"]) == (3, 1, 1)
+    assert (res["n_overfits"], res["n_clean"], res["n_settings"]) == (1, 2, 2)
+
+
+def test_precision_recall_auc_spearman_and_lead_on_a_hand_built_table() -> None:
+    # 3 settings x 2 seeds; every threshold fires the same way, so LOSO keeps the default.
+    grid = get_indicator("train_acc").grid
+    fire_at = [4, 6, 8, None, 2, None]
+    labels = ["overfits", "overfits", "overfits", "overfits", "clean", "clean"]
+    t_L = [5, 6, 8, 9, 40, 40]
+    fires = {f"r{i}": {t: f for t in grid} if f else {} for i, f in enumerate(fire_at)}
+    table = _summary(fires, label=labels, t_L=t_L, setting=["a", "a", "b", "b", "c", "c"])
+    table["score:train_acc"] = [0.9, 0.8, 0.7, 0.2, 0.6, 0.1]
+    res = score_indicators(table, ["train_acc"], rounds=300).iloc[0]
+    assert (res["tp"], res["late"], res["fp"], res["tn"]) == (3, 0, 1, 1)
+    assert res["precision"] == 0.75 and res["recall"] == 0.75 and res["false_alarm_rate"] == 0.5
+    from sklearn.metrics import roc_auc_score
+
+    y = [lab == "overfits" for lab in labels]
+    assert res["auc"] == pytest.approx(roc_auc_score(y, table["score:train_acc"]))
+    assert res["spearman_fire_tL"] == pytest.approx(1.0)
+    assert res["lead_median"] == 0.0  # leads 1, 0, 0
+    for key in ("precision", "recall", "false_alarm_rate", "auc"):
+        assert res[f"{key}_low"] <= res[key] <= res[f"{key}_high"]
+
+
+def test_bootstrap_resamples_whole_settings() -> None:
+    # two settings: one with two runs, one with one; a resample holds 2, 3 or 4 rows, never 1.
+    reps = bootstrap_by_group(["a", "a", "b"], lambda rows: float(len(rows)), rounds=500)
+    assert set(reps.tolist()) <= {2.0, 3.0, 4.0}
+    # identical outcomes in every setting: the interval collapses onto the point estimate
+    grid = get_indicator("train_acc").grid
+    fires = {f"r{i}": ({t: 3 for t in grid} if i % 2 == 0 else {}) for i in range(8)}
+    table = _summary(
+        fires,
+        label=["overfits", "clean"] * 4,
+        t_L=[5, 30] * 4,
+        setting=[f"s{i // 2}" for i in range(8)],
+    )
+    res = score_indicators(table, ["train_acc"], rounds=200).iloc[0]
+    assert res["recall_low"] == res["recall_high"] == 1.0
+    assert res["false_alarm_rate_low"] == res["false_alarm_rate_high"] == 0.0
+
+
+def test_settings_from_run_ids_and_v1_labels() -> None:
+    table = pd.DataFrame(
+        {"run_id": ["g-base-lr=0.1-s0-abcdef", "g-base-lr=0.1-s1-123456"], "turned": [True, False]}
+    )
+    assert run_settings(table).tolist() == ["g-base-lr=0.1", "g-base-lr=0.1"]
+    assert run_labels(table).tolist() == ["overfits", "undetermined"]
+
+
+def _signals(n: int = 30) -> pd.DataFrame:
+    e = np.arange(1, n + 1)
+    return pd.DataFrame(
+        {
+            "epoch": e,
+            "train_loss": 2.0 * np.exp(-e / 3.0) + 0.1,
+            "train_acc": np.minimum(1.0, 0.5 + e / 20),
+            "confidence": np.minimum(0.999, 0.5 + e / 40),
+            "pred_entropy": 2.0 * np.exp(-e / 5.0),
+            "cka_drift:features.relu1": np.r_[np.nan, 0.5 * np.exp(-e[1:] / 3.0)],
+            "gsnr": np.r_[1.0, 2.0, 4.0, 4.0 / np.arange(1, n - 2)],
+            "ww_alpha": np.where(e % 5 == 0, 6.0 - e / 6, np.nan),
+            "sparsity:features.relu1": np.full(n, 0.5),
+        }
+    )
+
+
+def test_competitor_signals_fire_in_their_a_priori_direction() -> None:
+    h = _signals()
+    out = evaluate_run(h, [n for n in INDICATORS if n not in ("channel_q90", "channel_std")])
+    assert out[fire_column("confidence", 0.9)] == 16  # 0.5 + 16/40 = 0.9
+    entropy = 2.0 * np.exp(-np.arange(1, 31) / 5.0)
+    assert out[fire_column("pred_entropy", 0.1)] == int(np.argmax(entropy <= 0.1)) + 1
+    assert out[fire_column("gsnr", 0.5)] == 4 + 1  # 4 / 2 = half of the running maximum 4
+    assert out[fire_column("ww_alpha", 3.0)] == 20  # alpha 6 - 20/6 = 2.67 at epoch 20
+    assert out[fire_column("fixed_epoch", 10)] == 10 and out[fire_column("fixed_epoch", 40)] is None
+    assert out["fire:cka_drift"] is not None and out["fire:train_loss_plateau"] is not None
+    # scores: higher fires more readily, so falling signals are scored by minus their minimum
+    assert out["score:pred_entropy"] == pytest.approx(-entropy.min())
+    missing = evaluate_run(h.drop(columns=["ww_alpha", "gsnr"]), ["ww_alpha", "gsnr"])
+    assert missing["fire:ww_alpha"] is None and math.isnan(missing["score:ww_alpha"])
+    assert math.isnan(missing["score:gsnr"])
+
+
+def test_plateau_rule_reads_the_smoothed_training_loss_fall() -> None:
+    from xai_sparsity.runs.analysis import ema
+
+    h = _signals()
+    s = ema(h["train_loss"].to_numpy(), PLATEAU_ALPHA)
+    fall = (s[:-PLATEAU_WINDOW] - s[PLATEAU_WINDOW:]) / s[:-PLATEAU_WINDOW]
+    assert (fall <= 0.05).any()
+    first = int(np.argmax(fall <= 0.05)) + PLATEAU_WINDOW + 1
+    assert evaluate_run(h, ["train_loss_plateau"])["fire:train_loss_plateau"] == first
 
 
 def test_every_indicator_evaluates_on_a_plain_history() -> None:

@@ -1,42 +1,67 @@
 """Label-free overfitting indicators and their scoring as detectors (claim 1, SCIENCE.md).
 
-An *indicator* turns a run's per-epoch statistics into one or more series (one per watched layer)
-and *fires* at an epoch, or never. Every indicator is causal: at epoch ``t`` it reads epochs
-``<= t`` only, and none reads the test loss or test labels.
+An *indicator* turns a run's per-epoch statistics into one or more series and *fires* at an
+epoch, or never. Every indicator is causal (at epoch ``t`` it reads epochs ``<= t`` only) and
+reads only the probe images' activations and predictions (never their labels), the model and the
+training data: never the test loss, test labels or validation labels.
 
-Two firing rules:
+Firing rules (``Indicator.rule``):
 
-* ``"rise"``: the harness's early-warning rule (:class:`xai_sparsity.runs.analysis.EarlyWarning`): the
-  indicator fires when at least ``min_layers`` of its series show a sustained rise of at least the
-  threshold ``min_rise`` above their running minimum. Its run-level *score* is the largest
-  threshold at which it still fires (the ``k``-th largest per-series maximum qualifying rise), so
-  ``fires at threshold t  <=>  score >= t`` exactly, and ROC AUC uses that score.
-* ``"level"``: fires at the first epoch where the series reaches the threshold (the trivial
-  baselines, e.g. training accuracy >= 99 %). Score: the series' maximum.
+* ``"rise"``: the harness's EMA early-warning rule
+  (:class:`xai_sparsity.runs.analysis.EarlyWarning`), kept for comparison: fires when at least
+  ``min_layers`` series show a sustained rise of at least the threshold above their running
+  minimum. Score: the largest threshold at which it fires.
+* ``"gated"``: the repaired sparsity rule, :func:`xai_sparsity.runs.analysis.gated_rise_epoch`,
+  with its threshold setting ``Indicator.setting`` at the threshold.
+* ``"level"``: fires at the first epoch where the series crosses the threshold in the
+  indicator's fixed ``direction`` (``+1``: reaches it from below, ``-1``: falls to it). Score:
+  the series' maximum (``+1``) or minus its minimum (``-1``), so a higher score fires earlier.
+* ``"epoch"``: the null rule "fire at epoch k" (k is the threshold; never in a shorter run).
 
-Indicators (:data:`INDICATORS`):
+Directions are fixed a priori, from the literature, never from the study's runs:
 
-=========================  ==========================================================  =========
-name                       series (per feature layer unless noted)                     rule
-=========================  ==========================================================  =========
-``ew_perplexity``          perplexity sparsity on held-out probe images                rise
-``ew_perplexity_deepest``  the same, deepest feature layer only                        rise
-``ew_zero_fraction``       zero fraction on held-out probe images                      rise
-``ew_hoyer``               Hoyer sparsity on held-out probe images                     rise
-``channel_q90``            90th percentile over channels of per-channel sparsity       rise
-``channel_std``            spread (std) over channels of per-channel sparsity          rise
-``lifetime``               mean lifetime (selectivity) sparsity over channels          rise
-``correlation``            mean absolute filter correlation                            rise
-``train_gap``              sparsity on training inputs minus on held-out inputs        rise
-``train_acc``              training accuracy (baseline; uses training labels only)     level
-=========================  ==========================================================  =========
+==========================  ====================================================  ==========
+name                        series                                                rule
+==========================  ====================================================  ==========
+``ew_perplexity``           perplexity sparsity, feature layers (v1 rule)         rise
+``gated_perplexity``        the same, repaired rule (``gated_rise_epoch``)        gated
+``ew_perplexity_deepest``   perplexity sparsity, deepest feature layer            rise
+``ew_zero_fraction``        zero fraction                                         rise
+``ew_hoyer``                Hoyer sparsity                                        rise
+``channel_q90``             90th percentile of per-channel sparsity               rise
+``channel_std``             spread (std) of per-channel sparsity                  rise
+``lifetime``                mean lifetime (selectivity) sparsity                  rise
+``correlation``             mean |r| filter correlation (over positions)          rise
+``train_gap``               sparsity on training minus on probe images            rise
+``fixed_epoch``             null: fires at epoch k                                epoch
+``train_loss_plateau``      null: relative fall of the smoothed training loss     level, -1
+                            over the last 5 epochs
+``train_acc``               null: training accuracy                               level, +1
+``confidence``              mean max-softmax on the probe images                  level, +1
+``pred_entropy``            mean predictive entropy on the probe images (nats)    level, -1
+``cka_drift``               1 - linear CKA between consecutive epochs, mean over  level, -1
+                            the feature layers
+``gsnr``                    gradient signal-to-noise ratio on training batches,   level, -1
+                            relative to its running maximum
+``ww_alpha``                WeightWatcher mean power-law alpha                    level, -1
+==========================  ====================================================  ==========
 
-Scoring (:func:`score_indicators`): each run is a positive when its test loss turned
-(``analysis.overfitting_onset``). The runs are split once, by a seeded hash of the run id and
-stratified by the label, into a calibration half and an evaluation half. Each indicator's
-threshold is chosen on the calibration half (maximum Youden J = recall - false-alarm rate, ties to
-the larger threshold) and precision, recall, false alarms, AUC and the lead ``t_L - firing
-epoch`` are reported on the evaluation half only.
+Why these directions: a network that starts to fit its training set beyond what generalises
+becomes over-confident (Guo et al. 2017, calibration degrades as the NLL overfits: confidence up,
+entropy down); its representations settle (Kornblith et al. 2019, CKA between epochs: drift
+down); its per-sample gradients stop agreeing (Liu et al. 2020, GSNR falls and the
+generalisation gap grows with it); its layers' spectra get heavier tails (Martin & Mahoney
+2021, alpha below about 2 is "over-trained": alpha down). The training-loss plateau and the
+training accuracy are the obvious null rules (Prechelt 1998 style stopping criteria), the fixed
+epoch the most trivial one. ``gsnr`` is divided by its running maximum so that its thresholds are
+scale-free; the plateau's smoothing (EMA 0.3) and window (5 epochs) are fixed a priori.
+
+A run where an indicator has no data (e.g. ``ww_alpha`` not recorded) gets a NaN score and is
+reported as "no data" for that indicator, never as a miss.
+
+Scoring (:func:`score_indicators`): see its docstring; runs are labelled by
+:func:`xai_sparsity.runs.analysis.label_run`, thresholds come from leave-one-setting-out
+cross-validation, intervals from a bootstrap over settings.
 
 >>> import pandas as pd
 >>> h = pd.DataFrame({"epoch": [1, 2, 3, 4, 5, 6], "train_acc": [.5, .8, .9, .99, 1, 1],
@@ -47,9 +72,9 @@ epoch`` are reported on the evaluation half only.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,11 +189,14 @@ class Indicator:
     Attributes:
         name: short identifier (column names use it).
         description: one line for tables.
-        series: ``RunData -> {series name: values per history epoch}``.
-        rule: ``"rise"`` (EarlyWarning with ``min_rise`` = threshold) or ``"level"``.
+        series: ``RunData -> {series name: values per history epoch}`` (empty: no data).
+        rule: ``"rise"``, ``"gated"``, ``"level"`` or ``"epoch"`` (see the module docstring).
         default: the a-priori threshold (reported in the summary's ``fire:<name>`` column).
-        grid: thresholds tried when calibrating.
+        grid: thresholds tried by the cross-validation.
         min_layers: for ``"rise"``: how many series must rise (count, or fraction <= 1).
+        direction: ``+1``: a larger threshold fires less often (``"rise"``, ``"epoch"``,
+            ``"gated"``, rising ``"level"`` series); ``-1``: a smaller one does (falling series).
+        setting: for ``"gated"``: the keyword of ``gated_rise_epoch`` the threshold sets.
     """
 
     name: str
@@ -178,20 +206,25 @@ class Indicator:
     default: float = 0.02
     grid: tuple[float, ...] = RISE_GRID
     min_layers: float = DEFAULT_RULE["min_layers"]
+    direction: int = 1
+    setting: str = "min_rise"
 
     def firing_epoch(self, data: RunData, threshold: float | None = None) -> int | None:
         """The epoch the indicator fires at ``threshold`` (default: ``self.default``), or None."""
         theta = self.default if threshold is None else float(threshold)
-        series = self.series(data)
         epochs = data.epochs
-        if self.rule == "level":
-            (values,) = series.values()
-            hit = np.flatnonzero(np.nan_to_num(values, nan=-np.inf) >= theta)
-            return int(epochs[hit[0]]) if len(hit) else None
+        if self.rule == "epoch":
+            return int(theta) if len(epochs) and epochs.max() >= theta else None
+        series = self.series(data)
         if not series:
             return None
+        if self.rule == "level":
+            return _level_epoch(next(iter(series.values())), epochs, theta, self.direction)
+        if self.rule == "gated":
+            return _gated_epoch(data, list(series), {self.setting: theta})
         warning = EarlyWarning(
             list(series),
+            rule="ema_rise",
             alpha=DEFAULT_RULE["alpha"],
             patience=DEFAULT_RULE["patience"],
             min_rise=theta,
@@ -204,17 +237,53 @@ class Indicator:
         return None
 
     def score(self, data: RunData) -> float:
-        """Run-level score: fires at threshold ``t`` exactly when ``score >= t`` (NaN: no data)."""
+        """Run-level score, higher = fires more readily (NaN: no data). For ``"rise"`` and
+        ``"level"`` it fires at threshold ``t`` exactly when ``score >= direction * t``."""
+        if self.rule == "epoch":
+            return 0.0 if len(data.epochs) else math.nan
         series = self.series(data)
-        if self.rule == "level":
-            (values,) = series.values()
-            return float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
         if not series:
             return math.nan
+        if self.rule == "level":
+            values = self.direction * next(iter(series.values()))
+            return float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
+        if self.rule == "gated":
+            return _gated_score(data, list(series))
         epochs = data.epochs
         per = sorted((max_qualifying_rise(v, epochs) for v in series.values()), reverse=True)
         need = _need(self.min_layers, len(per))
         return float(per[need - 1]) if need <= len(per) else 0.0
+
+
+def _level_epoch(
+    values: np.ndarray, epochs: np.ndarray, theta: float, direction: int
+) -> int | None:
+    """First epoch where ``direction * values >= direction * theta`` (NaN never crosses)."""
+    x = np.nan_to_num(direction * np.asarray(values, dtype=float), nan=-np.inf)
+    hit = np.flatnonzero(x >= direction * theta)
+    return int(epochs[hit[0]]) if len(hit) else None
+
+
+def _gated_epoch(data: RunData, layers: list[str], settings: dict[str, float]) -> int | None:
+    """The repaired rule's firing epoch (``runs.analysis.gated_rise_epoch``); None if absent."""
+    from xai_sparsity.runs import analysis
+
+    rule = getattr(analysis, "gated_rise_epoch", None)
+    if rule is None:
+        return None
+    epoch = rule(data.history, layers, **settings)
+    return None if epoch is None else int(epoch)
+
+
+def _gated_score(data: RunData, layers: list[str]) -> float:
+    """The repaired rule's per-run score (``runs.analysis.gated_rise_score``: the largest
+    ``min_rise`` at which it fires; ``-inf`` where it cannot fire at all); NaN if absent."""
+    from xai_sparsity.runs import analysis
+
+    score = getattr(analysis, "gated_rise_score", None)
+    if score is None:
+        return math.nan
+    return float(score(data.history, layers))
 
 
 def _need(min_layers: float, n: int) -> int:
@@ -288,51 +357,173 @@ def _train_gap(data: RunData) -> dict[str, np.ndarray]:
     return {n: v for n, v in out.items() if np.isfinite(v).any()}
 
 
-def _train_acc(data: RunData) -> dict[str, np.ndarray]:
-    if "train_acc" not in data.history.columns:
-        return {"train_acc": np.full(len(data.history), np.nan)}
-    return {"train_acc": data.history["train_acc"].to_numpy(dtype=float)}
+def _history(column: str) -> Callable[[RunData], dict[str, np.ndarray]]:
+    """The history column ``column`` as the one series (none when absent or all NaN)."""
+
+    def series(data: RunData) -> dict[str, np.ndarray]:
+        if column not in data.history.columns:
+            return {}
+        v = pd.to_numeric(data.history[column], errors="coerce").to_numpy(dtype=float)
+        return {column: v} if np.isfinite(v).any() else {}
+
+    return series
 
 
-INDICATORS: dict[str, Indicator] = {
-    ind.name: ind
-    for ind in (
-        Indicator("ew_perplexity", "early warning, perplexity sparsity", _columns("sparsity")),
-        Indicator(
-            "ew_perplexity_deepest",
-            "early warning, perplexity sparsity, deepest feature layer",
-            _columns("sparsity", deepest=True),
-        ),
-        Indicator("ew_zero_fraction", "early warning, zero fraction", _columns("zero_fraction")),
-        Indicator("ew_hoyer", "early warning, Hoyer sparsity", _columns("hoyer")),
-        Indicator(
-            "channel_q90",
-            "90th percentile of per-channel sparsity",
-            _arrays("channel", lambda a: float(np.nanquantile(a, 0.9))),
-        ),
-        Indicator(
-            "channel_std",
-            "spread (std) of per-channel sparsity",
-            _arrays("channel", lambda a: float(np.nanstd(a))),
-        ),
-        Indicator("lifetime", "mean lifetime sparsity over channels", _lifetime),
-        Indicator("correlation", "mean |r| filter correlation", _columns("correlation")),
-        Indicator(
-            "train_gap",
-            "sparsity on training minus held-out inputs",
-            _train_gap,
-            default=0.01,
-        ),
-        Indicator(
-            "train_acc",
-            "baseline: training accuracy reached the threshold",
-            _train_acc,
-            rule="level",
-            default=0.99,
-            grid=LEVEL_GRID,
-        ),
-    )
-}
+def _cka_drift(data: RunData) -> dict[str, np.ndarray]:
+    """Mean over the feature layers of ``cka_drift:<layer>`` (NaN where no layer has a value)."""
+    cols = np.array([data.column("cka_drift", n) for n in data.watched])
+    if not cols.size or not np.isfinite(cols).any():
+        return {}
+    ok = np.isfinite(cols).any(axis=0)
+    mean = np.full(cols.shape[1], np.nan)
+    mean[ok] = np.nanmean(cols[:, ok], axis=0)
+    return {"cka_drift": mean}
+
+
+def _gsnr_relative(data: RunData) -> dict[str, np.ndarray]:
+    """``gsnr`` divided by its running maximum so far (causal, scale-free, in (0, 1])."""
+    found = _history("gsnr")(data)
+    if not found:
+        return {}
+    v = found["gsnr"]
+    running = pd.Series(v).cummax().to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(running > 0, v / running, np.nan)
+    return {"gsnr": rel} if np.isfinite(rel).any() else {}
+
+
+PLATEAU_ALPHA = 0.3
+"""EMA factor of the training-loss plateau rule (a priori, as the early warning's)."""
+
+PLATEAU_WINDOW = 5
+"""Window (epochs) of the training-loss plateau rule's relative fall (a priori)."""
+
+
+def _train_loss_fall(data: RunData) -> dict[str, np.ndarray]:
+    """Relative fall of the EMA-smoothed training loss over the last ``PLATEAU_WINDOW`` epochs:
+    ``(s[t - w] - s[t]) / s[t - w]`` (NaN for the first ``w`` epochs)."""
+    from xai_sparsity.runs.analysis import ema
+
+    found = _history("train_loss")(data)
+    if not found or np.isnan(found["train_loss"]).any():
+        return {}
+    loss = found["train_loss"]
+    s = ema(loss, PLATEAU_ALPHA)
+    w = PLATEAU_WINDOW
+    fall = np.full(len(s), np.nan)
+    if len(s) > w:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fall[w:] = (s[:-w] - s[w:]) / s[:-w]
+    return {"train_loss_fall": fall} if np.isfinite(fall).any() else {}
+
+
+def _nothing(data: RunData) -> dict[str, np.ndarray]:
+    return {}
+
+
+_SPARSITY_INDICATORS = (
+    Indicator("ew_perplexity", "EMA rise rule (v1), perplexity sparsity", _columns("sparsity")),
+    Indicator(
+        "gated_perplexity",
+        "repaired rise rule (gated_rise_epoch), perplexity sparsity",
+        _columns("sparsity"),
+        rule="gated",
+    ),
+    Indicator(
+        "ew_perplexity_deepest",
+        "EMA rise rule, perplexity sparsity, deepest feature layer",
+        _columns("sparsity", deepest=True),
+    ),
+    Indicator("ew_zero_fraction", "EMA rise rule, zero fraction", _columns("zero_fraction")),
+    Indicator("ew_hoyer", "EMA rise rule, Hoyer sparsity", _columns("hoyer")),
+    Indicator(
+        "channel_q90",
+        "90th percentile of per-channel sparsity",
+        _arrays("channel", lambda a: float(np.nanquantile(a, 0.9))),
+    ),
+    Indicator(
+        "channel_std",
+        "spread (std) of per-channel sparsity",
+        _arrays("channel", lambda a: float(np.nanstd(a))),
+    ),
+    Indicator("lifetime", "mean lifetime sparsity over channels", _lifetime),
+    Indicator("correlation", "mean |r| filter correlation", _columns("correlation")),
+    Indicator("train_gap", "sparsity on training minus held-out inputs", _train_gap, default=0.01),
+)
+
+_COMPETITORS = (
+    Indicator(
+        "fixed_epoch",
+        "null: fires at epoch k",
+        _nothing,
+        rule="epoch",
+        default=10,
+        grid=(3, 5, 10, 15, 20, 30, 40, 60, 80, 100),
+    ),
+    Indicator(
+        "train_loss_plateau",
+        "null: smoothed training loss fell < tol over 5 epochs",
+        _train_loss_fall,
+        rule="level",
+        direction=-1,
+        default=0.05,
+        grid=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
+    ),
+    Indicator(
+        "train_acc",
+        "null: training accuracy reached the threshold",
+        _history("train_acc"),
+        rule="level",
+        default=0.99,
+        grid=LEVEL_GRID,
+    ),
+    Indicator(
+        "confidence",
+        "mean max-softmax on the probe images reached the threshold",
+        _history("confidence"),
+        rule="level",
+        default=0.95,
+        grid=(0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
+    ),
+    Indicator(
+        "pred_entropy",
+        "mean predictive entropy on the probe images fell to the threshold",
+        _history("pred_entropy"),
+        rule="level",
+        direction=-1,
+        default=0.1,
+        grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8),
+    ),
+    Indicator(
+        "cka_drift",
+        "representation drift (1 - CKA between epochs) fell to the threshold",
+        _cka_drift,
+        rule="level",
+        direction=-1,
+        default=0.01,
+        grid=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+    ),
+    Indicator(
+        "gsnr",
+        "gradient SNR fell to this share of its running maximum",
+        _gsnr_relative,
+        rule="level",
+        direction=-1,
+        default=0.3,
+        grid=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+    ),
+    Indicator(
+        "ww_alpha",
+        "WeightWatcher mean alpha fell to the threshold",
+        _history("ww_alpha"),
+        rule="level",
+        direction=-1,
+        default=2.0,
+        grid=(1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0),
+    ),
+)
+
+INDICATORS: dict[str, Indicator] = {ind.name: ind for ind in (*_SPARSITY_INDICATORS, *_COMPETITORS)}
 """The indicators scored by the study, by name."""
 
 
@@ -379,56 +570,49 @@ def get_indicator(name: str) -> Indicator:
 
 
 # ---------------------------------------------------------------------------------- scoring
-def split_runs(
-    run_ids: Sequence[str], labels: Sequence[bool] | np.ndarray, seed: int = 0
-) -> np.ndarray:
-    """Calibration mask: True for the half of the runs thresholds are chosen on.
+SCORED_LABELS = ("overfits", "clean")
+"""Run labels that are scored; ``"undetermined"`` runs are excluded (and counted)."""
 
-    Deterministic: within each label, runs are ordered by ``sha256(f"{seed}:{run_id}")`` and
-    assigned alternately to calibration and evaluation (so both halves hold both labels).
+_RUN_SUFFIX = re.compile(r"-s\d+-[0-9a-f]{6}$")
 
-    >>> int(split_runs(["a", "b", "c", "d"], [True, True, False, False]).sum())
-    2
+
+def run_labels(table: pd.DataFrame) -> np.ndarray:
+    """Each run's label: the summary's ``label`` column; for a summary without one (study v1),
+    ``"overfits"`` where ``turned`` and ``"undetermined"`` otherwise (v1 recorded no
+    convergence, so no run of it is a known clean negative)."""
+    if "label" in table.columns:
+        return table["label"].fillna("undetermined").astype(str).to_numpy()
+    if "turned" not in table.columns:
+        raise XaiSparsityError(f"the summary needs a 'label' column; it has {list(table.columns)}")
+    turned = table["turned"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    return np.where(turned, "overfits", "undetermined")
+
+
+def run_settings(table: pd.DataFrame) -> np.ndarray:
+    """Each run's setting (its settings without the seed): the ``setting`` column, else the run
+    id without its ``-s<seed>-<hash>`` suffix.
+
+    >>> run_settings(pd.DataFrame({"run_id": ["g-baseline-lr=0.1-s3-a1b2c3"]})).tolist()
+    ['g-baseline-lr=0.1']
     """
-    ids = [str(r) for r in run_ids]
-    if len(set(ids)) != len(ids):
-        raise XaiSparsityError("run ids must be unique to split the runs")
-    lab = np.asarray(labels, dtype=bool)
-    mask = np.zeros(len(ids), dtype=bool)
-    for value in (True, False):
-        idx = [i for i in range(len(ids)) if lab[i] == value]
-        idx.sort(key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).hexdigest())
-        for k, i in enumerate(idx):
-            mask[i] = k % 2 == 0
-    return mask
+    if "setting" in table.columns:
+        return table["setting"].astype(str).to_numpy()
+    return np.array([_RUN_SUFFIX.sub("", str(r)) for r in table["run_id"]], dtype=object)
 
 
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half); NaN if a class is missing.
-
-    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
-    0.75
-    """
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=bool)
-    keep = ~np.isnan(s)
-    s, y = s[keep], y[keep]
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return math.nan
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+_Values = Sequence[Any] | np.ndarray | pd.Series
 
 
 @dataclass(frozen=True)
 class Confusion:
-    """Detector outcome counts on a set of runs (positive: the test loss turned)."""
+    """Detector outcome counts: ``tp`` overfitting runs fired by t_L + 1, ``fn`` the others
+    (``late`` of them fired after t_L + 1), ``fp`` clean runs fired at all, ``tn`` the others."""
 
     tp: int
     fp: int
     fn: int
     tn: int
+    late: int = 0
 
     @property
     def precision(self) -> float:
@@ -448,140 +632,266 @@ class Confusion:
         return (0.0 if math.isnan(r) else r) - (0.0 if math.isnan(f) else f)
 
 
-def confusion(fired: Sequence[bool] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> Confusion:
-    """Counts of fired/not fired against turned/not turned.
+def confusion(fire: _Values, labels: _Values, t_L: _Values) -> Confusion:
+    """Counts of timely hits (fired by ``t_L + 1`` in an overfitting run) and false alarms
+    (fired at all in a clean run); undetermined runs are ignored.
 
-    >>> confusion([True, True, False, False], [True, False, True, False])
-    Confusion(tp=1, fp=1, fn=1, tn=1)
+    >>> confusion([3, 9, None, 4, None], ["overfits", "overfits", "overfits", "clean", "clean"],
+    ...           [5, 5, 5, None, None])
+    Confusion(tp=1, fp=1, fn=2, tn=1, late=1)
     """
-    f = np.asarray(fired, dtype=bool)
-    y = np.asarray(labels, dtype=bool)
-    return Confusion(
-        int((f & y).sum()), int((f & ~y).sum()), int((~f & y).sum()), int((~f & ~y).sum())
-    )
+    f = pd.to_numeric(pd.Series(list(fire), dtype=object), errors="coerce").to_numpy(dtype=float)
+    y = np.asarray(labels).astype(str)
+    t = pd.to_numeric(pd.Series(list(t_L), dtype=object), errors="coerce").to_numpy(dtype=float)
+    fired = np.isfinite(f)
+    pos, neg = y == "overfits", y == "clean"
+    with np.errstate(invalid="ignore"):
+        timely = fired & (f <= t + 1)
+    tp = int((pos & timely).sum())
+    late = int((pos & fired & ~timely).sum())
+    fp = int((neg & fired).sum())
+    return Confusion(tp, fp, int(pos.sum()) - tp, int(neg.sum()) - fp, late)
 
 
-def _fired(table: pd.DataFrame, column: str) -> np.ndarray:
+def _fires(table: pd.DataFrame, column: str) -> np.ndarray:
     if column not in table.columns:
         raise XaiSparsityError(
             f"the summary has no column {column!r}; indicator columns: "
             f"{[c for c in table.columns if c.startswith('fire:')][:12]}"
         )
-    return table[column].notna().to_numpy()
+    return pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
 
 
-def choose_threshold(table: pd.DataFrame, name: str, labels: np.ndarray) -> float:
-    """The grid threshold with the largest Youden J on ``table`` (ties: the larger threshold);
-    the indicator's default if ``table`` lacks a positive or a negative run."""
+def choose_threshold(table: pd.DataFrame, name: str) -> float:
+    """The grid threshold with the largest Youden J (timely recall - false-alarm rate) on
+    ``table`` (ties: the one that fires least); the default if ``table`` lacks an overfitting
+    or a clean run."""
     ind = get_indicator(name)
-    if labels.all() or not labels.any():
-        return ind.default
-    best, best_j = ind.default, -math.inf
-    for t in sorted(ind.grid):
-        j = confusion(_fired(table, fire_column(name, t)), labels).youden
+    labels = run_labels(table)
+    if not (labels == "overfits").any() or not (labels == "clean").any():
+        return float(ind.default)
+    best, best_j = float(ind.default), -math.inf
+    for t in sorted(ind.grid, key=lambda x: ind.direction * x):
+        j = confusion(_fires(table, fire_column(name, t)), labels, table["t_L"]).youden
         if j >= best_j:
-            best, best_j = t, j
+            best, best_j = float(t), j
     return best
+
+
+def _has_data(table: pd.DataFrame, name: str) -> np.ndarray:
+    col = f"score:{name}"
+    if col not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    return ~np.isnan(pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float))
+
+
+def cross_validated(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Leave-one-setting-out predictions of indicator ``name`` on the scored runs with data.
+
+    For every setting, the threshold is chosen (:func:`choose_threshold`) on the runs of the
+    other settings and applied to the runs of this one. Returns one row per run: ``run_id``,
+    ``setting``, ``label``, ``t_L``, ``threshold``, ``fire`` (epoch or NaN), ``hit`` (overfits,
+    fired by t_L + 1), ``false_alarm`` (clean, fired) and ``score``.
+    """
+    labels = run_labels(table)
+    keep = np.isin(labels, SCORED_LABELS) & _has_data(table, name)
+    df = table[keep].reset_index(drop=True)
+    settings = run_settings(df)
+    rows = []
+    for s in dict.fromkeys(settings.tolist()):
+        held = settings == s
+        t = choose_threshold(df[~held], name)
+        fire = _fires(df[held], fire_column(name, t))
+        for i, f in zip(np.flatnonzero(held), fire, strict=True):
+            rows.append({"i": i, "setting": s, "threshold": t, "fire": f})
+    out = pd.DataFrame(rows, columns=["i", "setting", "threshold", "fire"]).set_index("i")
+    out = out.sort_index()
+    out.insert(0, "run_id", df["run_id"].to_numpy())
+    out["label"] = run_labels(df)
+    out["t_L"] = pd.to_numeric(df["t_L"], errors="coerce").to_numpy(dtype=float)
+    fired = np.isfinite(out["fire"].to_numpy(dtype=float))
+    with np.errstate(invalid="ignore"):
+        timely = fired & (out["fire"].to_numpy(dtype=float) <= out["t_L"].to_numpy() + 1)
+    out["hit"] = (out["label"] == "overfits").to_numpy() & timely
+    out["false_alarm"] = (out["label"] == "clean").to_numpy() & fired
+    out["score"] = pd.to_numeric(df[f"score:{name}"], errors="coerce").to_numpy(dtype=float)
+    return out.reset_index(drop=True)
+
+
+def _auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC (scikit-learn) of ``score`` for ``positive``; NaN without both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    if positive.all() or not positive.any():
+        return math.nan
+    finite = score[np.isfinite(score)]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+    # "never fires" (-inf) ranks below every finite score, +inf above: same AUC, finite input
+    ranked = np.where(score == -np.inf, low - 1.0, np.where(score == np.inf, high + 1.0, score))
+    return float(roc_auc_score(positive, ranked))
+
+
+_METRICS = ("precision", "recall", "false_alarm_rate", "auc")
+
+
+class _Outcomes:
+    """The cross-validated outcomes as arrays, for fast bootstrap resamples."""
+
+    def __init__(self, cv: pd.DataFrame) -> None:
+        self.pos = (cv["label"] == "overfits").to_numpy()
+        self.neg = (cv["label"] == "clean").to_numpy()
+        self.hit = cv["hit"].to_numpy(dtype=bool)
+        self.alarm = cv["false_alarm"].to_numpy(dtype=bool)
+        self.score = cv["score"].to_numpy(dtype=float)
+
+    def metrics(self, rows: np.ndarray) -> np.ndarray:
+        """Precision, recall, false-alarm rate and AUC of ``rows`` (as in ``_METRICS``)."""
+        pos, neg = self.pos[rows], self.neg[rows]
+        tp, fp = int(self.hit[rows].sum()), int(self.alarm[rows].sum())
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        return np.array(
+            [
+                tp / (tp + fp) if tp + fp else math.nan,
+                tp / n_pos if n_pos else math.nan,
+                fp / n_neg if n_neg else math.nan,
+                _auc(self.score[rows], pos),
+            ]
+        )
+
+
+def _auc_test(reps: np.ndarray) -> dict[str, float]:
+    """Bootstrap test of AUC = 0.5: two-sided p ``2 min(P*(AUC <= .5), P*(AUC >= .5))`` (with the
+    +1 correction) and the smallest AUC difference from 0.5 the design detects (80 % power,
+    two-sided 5 %: 2.8 bootstrap standard errors)."""
+    r = reps[np.isfinite(reps)]
+    if len(r) < 2:
+        return {"auc_p": math.nan, "auc_mde": math.nan}
+    below = (1 + int((r <= 0.5).sum())) / (1 + len(r))
+    above = (1 + int((r >= 0.5).sum())) / (1 + len(r))
+    return {"auc_p": min(1.0, 2 * min(below, above)), "auc_mde": 2.8 * float(np.std(r, ddof=1))}
+
+
+def _timing(cv: pd.DataFrame) -> dict[str, float]:
+    """Over the overfitting runs the indicator fired on: Spearman(firing epoch, t_L), the median
+    lead ``t_L - firing epoch`` and the share fired by t_L + 1."""
+    from xai_sparsity.study.stats import spearman
+
+    sel = cv[(cv["label"] == "overfits") & np.isfinite(cv["fire"].to_numpy(dtype=float))]
+    lead = (sel["t_L"] - sel["fire"]).to_numpy(dtype=float)
+    return {
+        "n_fired_overfits": len(sel),
+        "spearman_fire_tL": spearman(sel["fire"], sel["t_L"]),
+        "lead_median": float(np.median(lead)) if len(lead) else math.nan,
+        "lead_q25": float(np.quantile(lead, 0.25)) if len(lead) else math.nan,
+        "lead_q75": float(np.quantile(lead, 0.75)) if len(lead) else math.nan,
+    }
+
+
+def score_indicator(
+    table: pd.DataFrame, name: str, *, rounds: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """One indicator scored as a detector of overfitting (see :func:`score_indicators`)."""
+    from xai_sparsity.study.stats import (
+        BOOTSTRAP_ROUNDS,
+        bootstrap_by_group,
+        percentile_interval,
+    )
+
+    labels = run_labels(table)
+    scored = np.isin(labels, SCORED_LABELS)
+    cv = cross_validated(table, name)
+    c = confusion(cv["fire"], cv["label"], cv["t_L"])
+    outcomes = _Outcomes(cv)
+    point = dict(zip(_METRICS, outcomes.metrics(np.arange(len(cv))).tolist(), strict=True))
+    row: dict[str, Any] = {
+        "indicator": name,
+        "description": get_indicator(name).description,
+        "n_runs": len(cv),
+        "n_settings": int(cv["setting"].nunique()),
+        "n_overfits": int((cv["label"] == "overfits").sum()),
+        "n_clean": int((cv["label"] == "clean").sum()),
+        "n_excluded": int((~scored).sum()),
+        "n_no_data": int((scored & ~_has_data(table, name)).sum()),
+        "threshold_median": float(cv["threshold"].median()) if len(cv) else math.nan,
+        "tp": c.tp,
+        "fp": c.fp,
+        "fn": c.fn,
+        "tn": c.tn,
+        "late": c.late,
+        **point,
+    }
+    n_rounds = BOOTSTRAP_ROUNDS if rounds is None else rounds
+    reps = (
+        bootstrap_by_group(cv["setting"].to_numpy(), outcomes.metrics, rounds=n_rounds, seed=seed)
+        if len(cv)
+        else np.full((1, len(_METRICS)), np.nan)
+    )
+    for k, key in enumerate(_METRICS):
+        row[f"{key}_low"], row[f"{key}_high"] = percentile_interval(reps[:, k])
+    row.update(_auc_test(reps[:, _METRICS.index("auc")]))
+    row.update(_timing(cv))
+    return row
 
 
 def score_indicators(
     table: pd.DataFrame,
     indicators: Sequence[str] | None = None,
     *,
-    label: str = "turned",
+    rounds: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Score each indicator as a detector of overfitting, held out from its calibration.
+    """Score each indicator as a detector of overfitting, with thresholds cross-validated.
 
     Args:
-        table: the study summary (one row per run): ``run_id``, ``label`` (bool), ``t_L`` and the
-            indicator columns written by :func:`evaluate_run`.
+        table: the study summary (one row per run): ``run_id``, ``label`` (from
+            :func:`xai_sparsity.runs.analysis.label_run`; see :func:`run_labels` for v1
+            summaries), ``t_L``, optionally ``setting``, and the columns of :func:`evaluate_run`.
         indicators: names to score (default: every indicator with columns in ``table``).
-        seed: the split seed.
+        rounds: bootstrap resamples (default ``stats.BOOTSTRAP_ROUNDS``).
+        seed: the bootstrap seed.
 
-    Returns one row per indicator: ``threshold`` (chosen on the calibration half), counts ``tp, fp,
-    fn, tn``, ``precision``, ``recall``, ``false_alarm_rate``, ``auc`` and the lead
-    ``t_L - firing epoch`` on the evaluation half's true positives (``lead_median``, ``lead_q25``,
-    ``lead_q75``, ``lead_min``, ``lead_max``, ``early_share``: share of them fired at or before
-    ``t_L``), plus ``n_eval``, ``n_pos_eval`` and ``base_rate`` (what an always-firing detector's
-    precision would be).
+    Procedure: undetermined runs are excluded (``n_excluded``), and so are runs without data
+    for the indicator (``n_no_data``). For each setting, the threshold maximising Youden's J on
+    the other settings is applied to it (leave one setting out). A hit is an overfitting run
+    fired by ``t_L + 1`` (a later firing is a miss, counted in ``late``); any firing in a clean run
+    is a false alarm. ``precision = tp / (tp + fp)``, ``recall = tp / (tp + fn)``,
+    ``false_alarm_rate = fp / (fp + tn)`` and the ROC AUC of the threshold-free ``score``
+    (overfits vs clean, timing ignored) come with 95 % percentile intervals from a bootstrap that
+    resamples settings (``*_low``, ``*_high``; the cross-validated predictions are kept fixed).
+    On the overfitting runs it fired on: ``spearman_fire_tL``, ``lead_median`` (t_L - firing
+    epoch) and its quartiles.
     """
-    for col in ("run_id", label, "t_L"):
+    for col in ("run_id", "t_L"):
         if col not in table.columns:
             raise XaiSparsityError(
                 f"the summary needs a {col!r} column; it has {list(table.columns)}"
             )
     if indicators is None:
         indicators = [n for n in INDICATORS if fire_column(n) in table.columns]
-    labels = table[label].astype(bool).to_numpy()
-    calib = split_runs(table["run_id"].tolist(), labels, seed)
-    cal, ev = table[calib], table[~calib]
-    y_cal, y_ev = labels[calib], labels[~calib]
-    rows = []
-    for name in indicators:
-        t = choose_threshold(cal, name, y_cal)
-        col = fire_column(name, t)
-        fired = _fired(ev, col)
-        c = confusion(fired, y_ev)
-        tp = fired & y_ev
-        lead = (ev["t_L"].to_numpy(dtype=float) - ev[col].to_numpy(dtype=float))[tp]
-        score_col = f"score:{name}"
-        auc = (
-            roc_auc(ev[score_col].to_numpy(dtype=float), y_ev)
-            if score_col in ev.columns
-            else math.nan
-        )
-        rows.append(
-            {
-                "indicator": name,
-                "description": get_indicator(name).description,
-                "threshold": t,
-                "n_eval": len(ev),
-                "n_pos_eval": int(y_ev.sum()),
-                "tp": c.tp,
-                "fp": c.fp,
-                "fn": c.fn,
-                "tn": c.tn,
-                "precision": c.precision,
-                "recall": c.recall,
-                "false_alarm_rate": c.false_alarm_rate,
-                "base_rate": float(y_ev.mean()) if len(y_ev) else math.nan,
-                "auc": auc,
-                "lead_median": float(np.median(lead)) if len(lead) else math.nan,
-                "lead_q25": float(np.quantile(lead, 0.25)) if len(lead) else math.nan,
-                "lead_q75": float(np.quantile(lead, 0.75)) if len(lead) else math.nan,
-                "lead_min": float(lead.min()) if len(lead) else math.nan,
-                "lead_max": float(lead.max()) if len(lead) else math.nan,
-                "early_share": float((lead >= 0).mean()) if len(lead) else math.nan,
-            }
-        )
+    rows = [score_indicator(table, n, rounds=rounds, seed=seed) for n in indicators]
     return pd.DataFrame(rows)
-
-
-def leads(table: pd.DataFrame, name: str, threshold: float, label: str = "turned") -> np.ndarray:
-    """``t_L - firing epoch`` of ``name`` at ``threshold`` on the runs with ``label`` that fired."""
-    col = fire_column(name, threshold)
-    y = table[label].astype(bool).to_numpy()
-    fired = _fired(table, col) & y
-    return (table["t_L"].to_numpy(dtype=float) - table[col].to_numpy(dtype=float))[fired]
 
 
 __all__ = [
     "INDICATORS",
     "LEVEL_GRID",
+    "PLATEAU_ALPHA",
+    "PLATEAU_WINDOW",
     "RISE_GRID",
+    "SCORED_LABELS",
     "Confusion",
     "Indicator",
     "RunData",
     "choose_threshold",
     "confusion",
+    "cross_validated",
     "evaluate_run",
     "feature_layers",
     "fire_column",
     "get_indicator",
-    "leads",
     "max_qualifying_rise",
-    "roc_auc",
+    "run_labels",
+    "run_settings",
+    "score_indicator",
     "score_indicators",
-    "split_runs",
 ]

@@ -73,12 +73,15 @@ from xai_sparsity.base.errors import XaiSparsityError
 from xai_sparsity.base.files import atomic_open, atomic_write_text
 from xai_sparsity.runs.rundir import RunDir
 from xai_sparsity.study.tables import fmt, frame_table
+from xai_sparsity.study.verdicts import NOT_MEASURED
 
 SUMMARY_NAME = "summary.csv"
 """File name of the study summary inside the study folder."""
 
 _PENALTY_KEYS = ("penalty_lambda", "penalty_layers")
 _ROW_SETTING_PREFIX = ""
+RUN_FIGURES = ("example_overfit.png", "example_control.png", "regularisers.png")
+"""Figures drawn from run directories (kept and linked when the runs are not at hand)."""
 _GENERATED_BEGIN = "<!-- BEGIN GENERATED: xai-sparsity study-report -->"
 _GENERATED_END = "<!-- END GENERATED -->"
 
@@ -321,35 +324,38 @@ def _default(key: str) -> Any:
 def summarize_run(run: RunDir | str | os.PathLike[str]) -> dict[str, Any]:
     """The study's per-run results of a finished run directory (no settings columns).
 
-    Keys: ``status``, ``epochs``, ``t_L``, ``turned``, ``rise``, ``best_test_acc``,
-    ``best_test_acc_epoch``, ``final_test_acc``, ``min_test_loss``, ``final_test_loss``,
-    ``final_train_acc``, ``final_sparsity_deepest``, ``final_correlation``, ``penalty_layers_used``,
-    ``seconds``, and the indicator columns of :func:`xai_sparsity.study.indicators.evaluate_run`.
+    Keys: ``status``, ``epochs``, the label of :func:`xai_sparsity.runs.analysis.label_run`
+    (``label``, ``t_L``, ``rise``, ``converged``, ``still_learning``, ``label_reason``) and
+    ``turned`` (the label is "overfits"), ``best_test_acc``, ``best_test_acc_epoch``,
+    ``final_test_acc``, ``min_test_loss``, ``final_test_loss``, ``final_train_acc``,
+    ``final_sparsity_deepest``, the validation protocol (``min_val_loss``, ``val_best_epoch``,
+    ``val_test_acc``: test accuracy at the validation-loss minimum; NaN without ``val_loss``),
+    mean filter correlation over the feature layers over positions and over images, at t_L and
+    at the end (``corr_tL``, ``final_correlation``, ``corr_images_tL``,
+    ``final_correlation_images``), ``penalty_layers_used``, ``seconds``, and the indicator
+    columns of :func:`xai_sparsity.study.indicators.evaluate_run`.
     """
-    from xai_sparsity.runs.analysis import overfitting_onset
+    from xai_sparsity.runs.analysis import label_run
     from xai_sparsity.study.indicators import RunData, evaluate_run
 
     r = run if isinstance(run, RunDir) else RunDir(run)
     df = r.history()
     if df.empty:
         raise XaiSparsityError(f"run {r.name!r} has no history")
-    summary = r.summary
-    onset = overfitting_onset(df["test_loss"].tolist(), df["epoch"].astype(int).tolist())
+    lab = label_run(df)
     data = RunData.from_run(r)
     deepest = data.watched[-1] if data.watched else None
-    last = df.iloc[-1]
-    corr = [
-        float(last[f"correlation:{n}"])
-        for n in data.watched
-        if f"correlation:{n}" in df.columns and not pd.isna(last[f"correlation:{n}"])
-    ]
     acc = df["test_acc"].to_numpy(dtype=float)
     row: dict[str, Any] = {
         "status": "complete" if r.is_complete else "incomplete",
         "epochs": int(df["epoch"].max()),
-        "t_L": onset.t_L,
-        "turned": bool(onset.turned),
-        "rise": round(float(onset.rise), 6),
+        "label": lab.label,
+        "t_L": lab.t_L,
+        "turned": lab.label == "overfits",
+        "rise": round(float(lab.rise), 6),
+        "converged": bool(lab.converged),
+        "still_learning": bool(lab.still_learning),
+        "label_reason": lab.reason,
         "best_test_acc": float(np.nanmax(acc)),
         "best_test_acc_epoch": int(df["epoch"].iloc[int(np.nanargmax(acc))]),
         "final_test_acc": float(acc[-1]),
@@ -357,14 +363,48 @@ def summarize_run(run: RunDir | str | os.PathLike[str]) -> dict[str, Any]:
         "final_test_loss": float(df["test_loss"].iloc[-1]),
         "final_train_acc": float(df["train_acc"].iloc[-1]),
         "final_sparsity_deepest": (
-            float(last[f"sparsity:{deepest}"]) if deepest is not None else math.nan
+            float(df[f"sparsity:{deepest}"].iloc[-1]) if deepest is not None else math.nan
         ),
-        "final_correlation": float(np.mean(corr)) if corr else math.nan,
-        "penalty_layers_used": ";".join(summary.get("penalty_layers", []) or []),
-        "seconds": summary.get("seconds_training"),
+        **_validation_columns(df),
+        **_correlation_columns(df, data.watched, lab.t_L),
+        "penalty_layers_used": ";".join(r.summary.get("penalty_layers", []) or []),
+        "seconds": r.summary.get("seconds_training"),
     }
     row.update(evaluate_run(data))
     return row
+
+
+def _validation_columns(history: pd.DataFrame) -> dict[str, Any]:
+    """The validation protocol of one run: its validation-loss minimum, that epoch, and the test
+    accuracy there (NaN without a ``val_loss`` column)."""
+    if "val_loss" not in history.columns:
+        return {"min_val_loss": math.nan, "val_best_epoch": math.nan, "val_test_acc": math.nan}
+    val = pd.to_numeric(history["val_loss"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(val).any():
+        return {"min_val_loss": math.nan, "val_best_epoch": math.nan, "val_test_acc": math.nan}
+    i = int(np.nanargmin(val))
+    return {
+        "min_val_loss": float(val[i]),
+        "val_best_epoch": int(history["epoch"].iloc[i]),
+        "val_test_acc": float(history["test_acc"].iloc[i]),
+    }
+
+
+def _correlation_columns(
+    history: pd.DataFrame, layers: Sequence[str], t_L: int | None
+) -> dict[str, float]:
+    """Mean filter correlation over ``layers`` (over positions: ``correlation:<layer>``; over
+    images: ``correlation_images:<layer>``) at ``t_L`` and at the last epoch (NaN if absent)."""
+    at_tL = list(history.index[history["epoch"] == t_L]) if t_L is not None else []
+    out: dict[str, float] = {}
+    for prefix, name in (("correlation", ""), ("correlation_images", "_images")):
+        cols = [f"{prefix}:{n}" for n in layers if f"{prefix}:{n}" in history.columns]
+        values = history[cols].apply(pd.to_numeric, errors="coerce") if cols else None
+        end = values.iloc[-1] if values is not None else pd.Series(dtype=float)
+        mid = values.loc[at_tL[0]] if values is not None and len(at_tL) else pd.Series(dtype=float)
+        out[f"corr{name}_tL"] = float(mid.mean()) if mid.notna().any() else math.nan
+        out[f"final_correlation{name}"] = float(end.mean()) if end.notna().any() else math.nan
+    return out
 
 
 def _row_for(r: StudyRun, out: Path, setting_keys: Sequence[str]) -> dict[str, Any]:
@@ -654,14 +694,20 @@ def _run_pool(pending: list[StudyRun], n_workers: int, ledger: _Ledger, device: 
 # ---------------------------------------------------------------------------------- analysis
 def penalty_table(summary: pd.DataFrame, role: str = "penalty") -> pd.DataFrame:
     """Best and final test accuracy per arm (mean, std, n) on the runs of groups with ``role``,
-    with the share of runs whose test loss turned."""
+    the test accuracy at the validation-loss minimum (``val_acc_mean``, NaN without a validation
+    split), the share of runs whose test loss turned, final sparsity and correlation."""
     df = _role(summary, role)
     if df.empty:
         return pd.DataFrame()
+    for col in ("val_test_acc", "final_correlation_images"):
+        if col not in df.columns:
+            df[col] = math.nan
     g = df.groupby("arm", sort=False)
     out = pd.DataFrame(
         {
             "n": g.size(),
+            "val_acc_mean": g["val_test_acc"].mean(),
+            "val_acc_std": g["val_test_acc"].std(ddof=1),
             "best_acc_mean": g["best_test_acc"].mean(),
             "best_acc_std": g["best_test_acc"].std(ddof=1),
             "final_acc_mean": g["final_test_acc"].mean(),
@@ -669,6 +715,7 @@ def penalty_table(summary: pd.DataFrame, role: str = "penalty") -> pd.DataFrame:
             "turned_share": g["turned"].mean(),
             "final_sparsity_deepest": g["final_sparsity_deepest"].mean(),
             "final_correlation": g["final_correlation"].mean(),
+            "final_correlation_images": g["final_correlation_images"].mean(),
         }
     ).reset_index()
     return out
@@ -848,22 +895,24 @@ def _figures(
 
 
 def _leads_figure(det: pd.DataFrame, scores: pd.DataFrame) -> Any:
-    """Box plots of each indicator's lead on the overfitting runs (calibrated threshold)."""
+    """Box plots of each indicator's lead on the overfitting runs it fired on (thresholds by
+    leave-one-setting-out)."""
     import matplotlib.pyplot as plt
 
-    from xai_sparsity.study.indicators import leads
+    from xai_sparsity.study.indicators import cross_validated
 
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    data = [
-        leads(det, str(name), float(t))
-        for name, t in zip(scores["indicator"], scores["threshold"], strict=True)
-    ]
+    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.28 * len(scores)))
+    data = []
+    for name in scores["indicator"]:
+        cv = cross_validated(det, str(name))
+        sel = cv[(cv["label"] == "overfits") & cv["fire"].notna()]
+        data.append((sel["t_L"] - sel["fire"]).to_numpy(dtype=float))
     ax.boxplot(
         data, orientation="horizontal", tick_labels=list(scores["indicator"]), showfliers=True
     )
-    ax.axvline(0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("lead = t_L − firing epoch (epochs; > 0: fired before the turn)")
-    ax.set_title("Lead on overfitting runs (all detection runs, calibrated threshold)")
+    ax.axvline(-1, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("lead = t_L − firing epoch (epochs; >= −1: a hit)")
+    ax.set_title("Lead on the overfitting runs fired on (leave-one-setting-out)")
     return fig
 
 
@@ -883,12 +932,14 @@ def _precision_recall_figure(scores: pd.DataFrame) -> Any:
             xytext=(3, 3),
             textcoords="offset points",
         )
-    base = float(scores["base_rate"].iloc[0])
+    first = scores.iloc[0]
+    n = int(first["n_overfits"]) + int(first["n_clean"])
+    base = int(first["n_overfits"]) / n if n else math.nan
     ax.axhline(base, color="k", lw=0.8, ls="--", label=f"base rate {base:.2f}")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("recall (evaluation half)")
-    ax.set_ylabel("precision (evaluation half)")
+    ax.set_xlabel("recall (hits by t_L + 1)")
+    ax.set_ylabel("precision")
     ax.legend(fontsize=7, loc="lower left")
     return fig
 
@@ -997,124 +1048,6 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
     return made
 
 
-def _verdicts(
-    scores: pd.DataFrame, pairs: pd.DataFrame, arms: pd.DataFrame, det: pd.DataFrame
-) -> list[str]:
-    by = scores.set_index("indicator") if not scores.empty else pd.DataFrame()
-    out: list[str] = []
-    if "ew_perplexity" in by.index:
-        out += _claim1_verdicts(by, det)
-    if not pairs.empty:
-        out.append(_claim3_verdict(pairs))
-    if not arms.empty and "baseline" in set(arms["arm"]):
-        out += _claim2_and_4_verdicts(arms, by)
-    return out
-
-
-def _claim1_verdicts(by: pd.DataFrame, det: pd.DataFrame) -> list[str]:
-    """Claim 1 (the early warning as a detector) and the comparison with training accuracy."""
-    out: list[str] = []
-    s = by.loc["ew_perplexity"]
-    controls = det[~det["turned"]]
-    fired_controls = controls["fire:ew_perplexity"].notna().mean() if len(controls) else math.nan
-    lift = s["precision"] - s["base_rate"]
-    held = lift >= 0.15 and s["recall"] >= 0.5 and s["lead_median"] >= 0
-    partly = (not held) and (s["auc"] >= 0.65 or lift >= 0.1)
-    word = "HELD" if held else ("PARTLY HELD" if partly else "DID NOT HOLD")
-    out.append(
-        f"**Claim 1 (sparsity rises before the test loss turns, usable as a label-free "
-        f"indicator): {word}.** The early-warning rule on perplexity sparsity, threshold "
-        f"chosen on the calibration half, reached precision {fmt(s['precision'])} "
-        f"(base rate {fmt(s['base_rate'])}), recall {fmt(s['recall'])}, AUC "
-        f"{fmt(s['auc'])} on the evaluation half, with median lead "
-        f"{fmt(s['lead_median'], 1)} epochs. At its default threshold (0.02) it fired in "
-        f"{fmt(fired_controls, 2)} of the runs that never overfit. Criterion for HELD: "
-        "precision at least 0.15 above the base rate, recall >= 0.5 and median lead >= 0."
-    )
-    best = by.sort_values("auc", ascending=False)
-    if "train_acc" in by.index:
-        b = by.loc["train_acc"]
-        better = [
-            n
-            for n in by.index
-            if n != "train_acc" and not math.isnan(by.loc[n, "auc"]) and by.loc[n, "auc"] > b["auc"]
-        ]
-        out.append(
-            f"Against the trivial baseline (training accuracy reached its threshold; AUC "
-            f"{fmt(b['auc'])}, precision {fmt(b['precision'])}, recall {fmt(b['recall'])}), "
-            + (
-                f"these indicators ranked runs better (higher AUC): {', '.join(better)}."
-                if better
-                else "no sparsity-based indicator ranked runs better (higher AUC)."
-            )
-            + f" Highest AUC overall: {best.index[0]} ({fmt(best['auc'].iloc[0])})."
-        )
-    return out
-
-
-def _claim3_verdict(pairs: pd.DataFrame) -> str:
-    """Claim 3: the best penalty arm against dropout, batch norm and the baseline."""
-    best_pairs = pairs[pairs["metric"] == "best_test_acc"]
-    mean_by_arm = best_pairs.groupby("arm")["mean_diff"].mean()
-    top = str(mean_by_arm.idxmax())
-    sel = best_pairs[best_pairs["arm"] == top].set_index("against")
-    by_comp: dict[Any, dict[Any, Any]] = sel.to_dict("index")
-    wins_all = all(
-        c in by_comp and by_comp[c]["mean_diff"] > 0 and by_comp[c]["t_p"] < 0.05
-        for c in ("baseline", "dropout", "batchnorm")
-    )
-    parts = [
-        f"{c} {sel.loc[c, 'mean_diff']:+.4f} (p_t {fmt(sel.loc[c, 't_p'])}, "
-        f"p_sign {fmt(sel.loc[c, 'sign_p'])}, {int(sel.loc[c, 'n_pairs'])} pairs)"
-        for c in sel.index
-    ]
-    n_min = int(best_pairs["n_pairs"].min())
-    return (
-        f"**Claim 3 (the targeted penalty beats dropout and batch norm): "
-        f"{'HELD' if wins_all else 'DID NOT HOLD'}.** The best penalty arm on average, "
-        f"{top}, differed in best test accuracy by: {'; '.join(parts)}. Criterion for HELD: "
-        "a positive mean paired difference against all three with paired t-test p < 0.05 "
-        f"(with {n_min} pairs the two-sided sign test cannot go below "
-        f"{fmt(min(1.0, 2 * 0.5**n_min))})."
-    )
-
-
-def _claim2_and_4_verdicts(arms: pd.DataFrame, by: pd.DataFrame) -> list[str]:
-    """Claims 2 and 4: the penalty arms' final sparsity and filter correlation."""
-    out: list[str] = []
-    a = arms.set_index("arm")
-    pen = [x for x in a.index if str(x).startswith("penalty")]
-    if pen:
-        dens = ", ".join(f"{p}: {fmt(a.loc[p, 'final_sparsity_deepest'])}" for p in pen)
-        corr = ", ".join(f"{p}: {fmt(a.loc[p, 'final_correlation'])}" for p in pen)
-        denser = all(
-            a.loc[p, "final_sparsity_deepest"] < a.loc["baseline", "final_sparsity_deepest"]
-            for p in pen
-        )
-        decorrelated = all(
-            a.loc[p, "final_correlation"] < a.loc["baseline", "final_correlation"] for p in pen
-        )
-        out.append(
-            "**Claim 2 (the penalty makes targeted activations denser): "
-            f"{'HELD' if denser else 'DID NOT HOLD'}.** Final perplexity "
-            f"sparsity of the deepest conv activation (mean over seeds), baseline "
-            f"{fmt(a.loc['baseline', 'final_sparsity_deepest'])} vs {dens}. Criterion: "
-            "lower than the baseline in every penalty arm."
-        )
-        out.append(
-            "**Claim 4 (filter correlation, counteracted by the penalty): "
-            f"{'HELD' if decorrelated else 'DID NOT HOLD'}.** Final mean |r| "
-            f"over the conv activations, baseline {fmt(a.loc['baseline', 'final_correlation'])}"
-            f" vs {corr} (criterion: lower than the baseline in every penalty arm)"
-            + (
-                f"; as a detector, filter correlation reached AUC {fmt(by.loc['correlation', 'auc'])}."
-                if "correlation" in by.index
-                else "."
-            )
-        )
-    return out
-
-
 def _total_minutes(df: pd.DataFrame) -> float:
     if "seconds" not in df.columns:
         return math.nan
@@ -1128,12 +1061,15 @@ def build_report(
     figure_prefix: str = "study/",
     seed: int = 0,
     runs_dir: str | os.PathLike[str] | None = None,
+    kept_figures: str | os.PathLike[str] | None = None,
 ) -> str:
     """The generated markdown of the study (tables, figures, verdicts) from a summary CSV.
 
     ``runs_dir`` (the study folder with the run directories) adds figures 1 and 6 of
-    :mod:`xai_sparsity.views.figures` for example runs."""
+    :mod:`xai_sparsity.views.figures` for example runs; without it, those figures already in
+    ``kept_figures`` (default ``figures_dir``) are linked as they are."""
     from xai_sparsity.study.indicators import score_indicators
+    from xai_sparsity.study.verdicts import primary_tests
 
     df = summary if isinstance(summary, pd.DataFrame) else read_summary(summary)
     if "turned" in df.columns:
@@ -1141,43 +1077,77 @@ def build_report(
     det = detection_runs(df)
     scores = score_indicators(det, seed=seed) if len(det) else pd.DataFrame()
     arms = penalty_table(df)
-    pairs = paired_comparison(df)
     curve = lambda_curve(df)
+    tests = primary_tests(df, scores)
     figs = _figures(df, scores, curve, arms, Path(figures_dir)) if figures_dir else {}
     if figures_dir and runs_dir is not None:
         figs.update(_run_figures(df, Path(runs_dir), Path(figures_dir)))
+    elif kept_figures is not None or figures_dir is not None:
+        folder = Path(kept_figures if kept_figures is not None else figures_dir)  # type: ignore[arg-type]
+        figs.update({n: n for n in RUN_FIGURES if (folder / n).exists()})
     lines = [
         _GENERATED_BEGIN,
         "",
-        *_report_intro(df, det, scores, pairs, arms, figs, figure_prefix),
+        *_report_intro(df, det, scores, tests, figs, figure_prefix),
         *_detector_section(scores, figs, figure_prefix),
-        *_penalty_section(df, arms, pairs, curve, figs, figure_prefix),
+        *_claim3_section(df),
+        *_penalty_section(df, arms, curve, figs, figure_prefix),
+        *_claim4_section(df, det),
         _GENERATED_END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _label_counts(det: pd.DataFrame) -> str:
+    """How the unpenalised runs were labelled, in words."""
+    from xai_sparsity.study.indicators import run_labels
+
+    labels = run_labels(det) if len(det) else np.array([], dtype=str)
+    counts = {k: int((labels == k).sum()) for k in ("overfits", "clean", "undetermined")}
+    text = (
+        f"of the {len(det)} unpenalised runs, {counts['overfits']} overfit, {counts['clean']} "
+        f"are clean negatives and {counts['undetermined']} are undetermined (excluded from "
+        "scoring)"
+    )
+    if "label" not in det.columns:
+        text += (
+            "; this summary has no run labels (docs/definitions.md, 'Run labels'), so runs whose "
+            "test loss turned count as overfitting and the others as undetermined: clean "
+            f"negatives were {NOT_MEASURED}"
+        )
+    return text
 
 
 def _report_intro(
     df: pd.DataFrame,
     det: pd.DataFrame,
     scores: pd.DataFrame,
-    pairs: pd.DataFrame,
-    arms: pd.DataFrame,
+    tests: pd.DataFrame,
     figs: Mapping[str, str],
     figure_prefix: str,
 ) -> list[str]:
-    """The report's opening: run counts, the verdicts, runs per group and example runs."""
+    """The report's opening: run counts, the verdicts, the primary tests and the runs per group."""
+    from xai_sparsity.study.verdicts import verdict_lines
+
     n_complete = int((df["status"] == "complete").sum()) if "status" in df.columns else len(df)
+    examples = [
+        f"![{n}]({figure_prefix}{n})"
+        for n in ("example_overfit.png", "example_control.png")
+        if n in figs
+    ]
     return [
         f"Generated by `xai-sparsity study-report` from the summary CSV ({n_complete} complete "
-        f"runs of {len(df)}; {int(det['turned'].sum())} of the {len(det)} unpenalised runs "
-        "overfit, i.e. their smoothed test loss turned). Training time summed over the runs: "
+        f"runs of {len(df)}; {_label_counts(det)}). Training time summed over the runs: "
         f"{fmt(_total_minutes(df), 0)} min.",
         "",
         "### Verdicts",
         "",
-        *[f"- {v}" for v in _verdicts(scores, pairs, arms, det)],
+        *[f"- {v}" for v in verdict_lines(tests, scores)],
         "",
+        "Primary tests, one per claim, Holm-corrected across the claims (`mde`: the smallest "
+        "effect the design could detect with 80 % power, two-sided 5 %):",
+        "",
+        frame_table(tests, 4),
         "### Runs per group",
         "",
         frame_table(overview_table(df)),
@@ -1186,53 +1156,70 @@ def _report_intro(
                 "An overfitting run and a negative control (figure 1 of the library: losses, "
                 "per-layer sparsity, t_L and each layer's rise onset t_s):",
                 "",
-                *[
-                    f"![{n}]({figure_prefix}{n})"
-                    for n in ("example_overfit.png", "example_control.png")
-                    if n in figs
-                ],
+                *examples,
                 "",
             ]
-            if "example_overfit.png" in figs or "example_control.png" in figs
+            if examples
             else []
         ),
     ]
 
 
+_SCORE_COLUMNS = (
+    "indicator",
+    "n_runs",
+    "n_settings",
+    "n_no_data",
+    "threshold_median",
+    "tp",
+    "late",
+    "fp",
+    "tn",
+    "precision",
+    "recall",
+    "false_alarm_rate",
+    "auc",
+    "spearman_fire_tL",
+    "lead_median",
+)
+
+
+def _score_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """The detector table: counts and the four rates with their bootstrap intervals."""
+    from xai_sparsity.study.verdicts import interval
+
+    t = scores[list(_SCORE_COLUMNS)].copy()
+    for key in ("precision", "recall", "false_alarm_rate", "auc"):
+        t[key] = [
+            f"{fmt(v)} {interval(lo, hi, 2)}"
+            for v, lo, hi in zip(
+                scores[key], scores[f"{key}_low"], scores[f"{key}_high"], strict=True
+            )
+        ]
+    return t.rename(columns={"threshold_median": "threshold", "false_alarm_rate": "false alarms"})
+
+
 def _detector_section(
     scores: pd.DataFrame, figs: Mapping[str, str], figure_prefix: str
 ) -> list[str]:
-    """The indicators scored as detectors: the table, the base rate and the lead figures."""
-    lines = [
-        "### Indicators as detectors (evaluation half; thresholds from the calibration half)",
+    """The indicators scored as detectors: the table and the lead figures."""
+    lines = ["### Indicators as detectors (thresholds by leave-one-setting-out)", ""]
+    if scores.empty:
+        return [*lines, f"(no detection runs: {NOT_MEASURED})", ""]
+    first = scores.iloc[0]
+    lines += [
+        f"{int(first['n_overfits'])} overfitting and {int(first['n_clean'])} clean runs in "
+        f"{int(first['n_settings'])} settings; {int(first['n_excluded'])} undetermined runs "
+        "excluded. For each setting the threshold maximising Youden's J on the other settings "
+        "is applied to it (`threshold`: the median over settings). `tp`: overfitting runs "
+        "fired by t_L + 1; `late`: fired after it (misses); `fp`: clean runs fired at all. "
+        "Brackets: 95 % bootstrap intervals resampling settings. AUC ranks overfitting against "
+        "clean runs by the threshold-free score. `spearman_fire_tL` and `lead_median` "
+        "(t_L - firing epoch) over the overfitting runs fired on. `n_no_data`: runs without "
+        "the indicator's data, not scored.",
         "",
+        frame_table(_score_table(scores)),
     ]
-    if not scores.empty:
-        cols = [
-            "indicator",
-            "threshold",
-            "n_eval",
-            "n_pos_eval",
-            "tp",
-            "fp",
-            "fn",
-            "tn",
-            "precision",
-            "recall",
-            "false_alarm_rate",
-            "auc",
-            "lead_median",
-            "lead_q25",
-            "lead_q75",
-            "early_share",
-        ]
-        lines += [frame_table(scores[cols]), ""]
-        lines += [
-            "`base_rate` (the precision of a detector that always fires) on the evaluation half: "
-            f"{fmt(scores['base_rate'].iloc[0])}. `lead` = t_L − firing epoch on the true "
-            "positives; `early_share`: share of them fired at or before t_L.",
-            "",
-        ]
     for name, title in (
         ("leads.png", "Lead distribution"),
         ("precision_recall.png", "Precision and recall"),
@@ -1242,38 +1229,107 @@ def _detector_section(
     return lines
 
 
+def _claim3_section(df: pd.DataFrame) -> list[str]:
+    """Claim 3 under the validation protocol (or why it was not measured)."""
+    from xai_sparsity.study.claims import claim3_table
+
+    lines = ["### Claim 3: validation-selected arms, test accuracy at the validation minimum", ""]
+    table = claim3_table(df)
+    if table.empty:
+        return [
+            *lines,
+            f"No validation split: {NOT_MEASURED}. The tables below choose the epoch and "
+            "lambda on the test set and are optimistic.",
+            "",
+        ]
+    return [
+        *lines,
+        "Per seed each family is represented by its arm with the lowest minimum validation "
+        "loss, stopped there; the number is the test accuracy at that epoch. Paired by seed: "
+        "mean difference, t and bootstrap 95 % intervals, paired t-test p and the smallest "
+        "detectable difference (`mde`).",
+        "",
+        frame_table(table, 4),
+    ]
+
+
 def _penalty_section(
     df: pd.DataFrame,
     arms: pd.DataFrame,
-    pairs: pd.DataFrame,
     curve: pd.DataFrame,
     figs: Mapping[str, str],
     figure_prefix: str,
 ) -> list[str]:
-    """The penalty claim: accuracy per arm, automatic targeting, paired differences, lambda."""
-    lines = ["### The penalty claim: test accuracy per arm (penalty groups)", ""]
-    lines += [frame_table(arms, 4) if not arms.empty else "(no penalty runs)\n", ""]
-    if "arms.png" in figs:
-        lines += [f"![Accuracy per arm]({figure_prefix}arms.png)", ""]
-    if "regularisers.png" in figs:
-        lines += [f"![Regulariser comparison, seed 0]({figure_prefix}regularisers.png)", ""]
-    if "penalty_layers_used" in df.columns and "penalty_layers" in df.columns:
-        auto = df[(df["penalty_layers"].astype(str) == "auto") & (df["status"] == "complete")]
-        if len(auto):
-            chosen = auto.groupby("seed")["penalty_layers_used"].first()
-            lines += [
-                "Layers targeted automatically (sparsity rose at or before the baseline's t_L), "
-                "per seed: "
-                + "; ".join(f"seed {k}: {str(v).replace(';', ', ')}" for k, v in chosen.items())
-                + ".",
-                "",
-            ]
-    lines += ["Paired differences (same cell and seed), penalty arm minus comparator:", ""]
-    lines += [frame_table(pairs, 4) if not pairs.empty else "(no pairs)\n", ""]
-    lines += ["### The lambda curve", ""]
-    lines += [frame_table(curve, 4) if not curve.empty else "(no lambda sweep)\n", ""]
+    """Accuracy and sparsity per arm, automatic targeting, claim 2 and the lambda curve."""
+    from xai_sparsity.study.claims import arm_differences
+
+    lines = ["### Test accuracy and sparsity per arm (penalty groups)", ""]
+    lines += [
+        "`best_acc`: best test accuracy over the epochs (early stopping on the test set, "
+        "optimistic); `val_acc`: test accuracy at the validation-loss minimum.",
+        "",
+        frame_table(arms, 4) if not arms.empty else "(no penalty runs)\n",
+    ]
+    for name, title in (("arms.png", "Accuracy per arm"), ("regularisers.png", "Regularisers")):
+        if name in figs:
+            lines += [f"![{title}]({figure_prefix}{name})", ""]
+    lines += _auto_targets_lines(df)
+    diff = arm_differences(df, "final_sparsity_deepest")
+    lines += [
+        "Claim 2, final sparsity of the deepest conv activation, penalty arm minus baseline "
+        "(paired by seed):",
+        "",
+        frame_table(diff, 4) if not diff.empty else f"({NOT_MEASURED})\n",
+        "### The lambda curve",
+        "",
+        frame_table(curve, 4) if not curve.empty else "(no lambda sweep)\n",
+    ]
     if "lambda_curve.png" in figs:
         lines += [f"![Lambda curve]({figure_prefix}lambda_curve.png)", ""]
+    return lines
+
+
+def _auto_targets_lines(df: pd.DataFrame) -> list[str]:
+    if "penalty_layers_used" not in df.columns or "penalty_layers" not in df.columns:
+        return []
+    auto = df[(df["penalty_layers"].astype(str) == "auto") & (df["status"] == "complete")]
+    if not len(auto):
+        return []
+    chosen = auto.groupby(["seed", "arm"])["penalty_layers_used"].first().reset_index()
+    return [
+        "Layers targeted automatically, per seed and arm: "
+        + "; ".join(
+            f"seed {r.seed} {r.arm}: {str(r.penalty_layers_used).replace(';', ', ')}"
+            for r in chosen.itertuples()
+        )
+        + ".",
+        "",
+    ]
+
+
+def _claim4_section(df: pd.DataFrame, det: pd.DataFrame) -> list[str]:
+    """Claim 4: filter correlation over positions and over images, penalty vs baseline and
+    overfitting vs clean runs."""
+    from xai_sparsity.study.claims import arm_differences, claim4_overfit_vs_clean
+
+    lines = ["### Claim 4: filter correlation over positions and over images", ""]
+    for column, over in (
+        ("final_correlation", "positions (grows with density: confounded with the penalty)"),
+        ("final_correlation_images", "images (density-independent)"),
+    ):
+        diff = arm_differences(df, column)
+        lines += [
+            f"Final mean |r| over {over}, penalty arm minus baseline (paired by seed):",
+            "",
+            frame_table(diff, 4) if not diff.empty else f"({NOT_MEASURED})\n",
+        ]
+    groups = claim4_overfit_vs_clean(det)
+    lines += [
+        "Overfitting runs minus clean negatives (unpenalised runs; Welch p, 95 % interval by "
+        "a bootstrap over settings, `mde` 2.8 bootstrap standard errors):",
+        "",
+        frame_table(groups, 4) if not groups.empty else f"({NOT_MEASURED})\n",
+    ]
     return lines
 
 
@@ -1298,6 +1354,48 @@ def report(
         new = old.rstrip("\n") + "\n\n" + text
     atomic_write_text(path, new)
     return path
+
+
+def generated_section(text: str) -> str | None:
+    """The generated part of a document (markers included), or None without markers."""
+    if _GENERATED_BEGIN not in text or _GENERATED_END not in text:
+        return None
+    start = text.index(_GENERATED_BEGIN)
+    return text[start : text.index(_GENERATED_END, start) + len(_GENERATED_END)]
+
+
+def check_report(
+    summary: str | os.PathLike[str],
+    doc: str | os.PathLike[str] = "docs/science.md",
+    figures_dir: str | os.PathLike[str] | None = "docs/study",
+    *,
+    figure_prefix: str = "study/",
+    runs_dir: str | os.PathLike[str] | None = None,
+) -> str:
+    """The unified diff between the generated part of ``doc`` and what ``summary`` generates now
+    ("" when they agree). Writes nothing: figures go to a temporary folder."""
+    import difflib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = build_report(
+            summary,
+            tmp,
+            figure_prefix=figure_prefix,
+            runs_dir=runs_dir,
+            kept_figures=figures_dir,
+        ).rstrip("\n")
+    path = Path(doc)
+    current = generated_section(path.read_text(encoding="utf-8")) if path.exists() else None
+    if current == text:
+        return ""
+    diff = difflib.unified_diff(
+        (current or "").splitlines(keepends=True),
+        (text + "\n").splitlines(keepends=True),
+        fromfile=f"{path} (committed)",
+        tofile=f"{path} (generated from {summary})",
+    )
+    return "".join(diff) or f"{path} has no generated section\n"
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -1347,6 +1445,11 @@ def add_report_arguments(parser: Any) -> None:
     parser.add_argument(
         "--runs", default=None, help="study folder with the run directories (example figures)"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff when the doc differs from what SUMMARY generates",
+    )
 
 
 def report_command(args: Any) -> int:
@@ -1356,6 +1459,20 @@ def report_command(args: Any) -> int:
         runs = args.summary
     elif runs is None and (Path(args.summary).parent / "study.json").exists():
         runs = str(Path(args.summary).parent)
+    if getattr(args, "check", False):
+        diff = check_report(
+            args.summary,
+            args.doc,
+            args.figures,
+            figure_prefix=getattr(args, "figure_prefix", "study/"),
+            runs_dir=runs,
+        )
+        if diff:
+            sys.stdout.write(diff)
+            print(f"{args.doc} differs from what {args.summary} generates", file=sys.stderr)
+            return 1
+        print(f"{args.doc} is up to date with {args.summary}")
+        return 0
     path = report(
         args.summary,
         args.doc,
@@ -1388,8 +1505,10 @@ __all__ = [
     "Study",
     "StudyRun",
     "build_report",
+    "check_report",
     "default_workers",
     "expand_study",
+    "generated_section",
     "lambda_curve",
     "load_study",
     "paired_comparison",

@@ -810,10 +810,13 @@ class _Entropy(torch.autograd.Function):
         grad = torch.empty_like(units)
         k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if x.device.type == "cpu" else b
         buf = _scratch(2 * k * c * p, s.dtype, x.device).view(2, k, c, p)
+        direct = grad.dtype == s.dtype  # work straight in the gradient's memory, no copy
         for start in range(0, b, k):
             stop = start + k
             xc = units[start:stop]
             a, d = buf[0, : xc.shape[0]], buf[1, : xc.shape[0]]
+            if direct:
+                a = grad[start:stop]
             _load(xc, a, ctx.transform)
             a.mul_(inv[start:stop]).clamp_min_(LOG_FLOOR[a.dtype]).log_()
             a.sub_(off[start:stop]).mul_(coef[start:stop])
@@ -821,7 +824,8 @@ class _Entropy(torch.autograd.Function):
                 a.mul_(torch.sign(xc, out=d) if xc.dtype == d.dtype else torch.sign(xc))
             else:
                 a.mul_(xc > 0)
-            grad[start:stop].copy_(a)
+            if not direct:
+                grad[start:stop].copy_(a)
         return grad.view(x.shape), None, None
 
 

@@ -147,6 +147,9 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
                    "figures/baseline_curves.png", "figures/penalty_heatmap.png",
                    "figures/comparison.png", "conv-layer sparsity at the last epoch"):  # fmt: skip
         assert needle in text, needle
+    # two epochs: the baseline's test loss cannot turn, so no arm gets a lead
+    assert "the test loss did not turn" in text and "(lead " not in text
+    assert "| label |" in text or "label" in text.split("## Arms", 1)[1].splitlines()[4]
     for png in ("baseline_curves.png", "baseline_heatmap.png", "comparison.png"):
         assert (out / "figures" / png).stat().st_size > 1000
     assert (out / "runs" / "penalty" / "summary.json").exists()

@@ -115,7 +115,9 @@ def test_loss_and_sparsity_options(run: RunDir) -> None:
     calm = plot_loss_and_sparsity(arms_calm := make_run(run.path.parent / "calm", overfit=False))
     assert calm.xai_data.attrs["turned"] is False
     assert not any(len(ln.get_xdata()) == 2 for ln in calm.axes[0].get_lines())
-    assert "not turned" in " ".join(t.get_text() for t in calm.axes[0].texts)
+    assert "the test loss did not turn: no lead" in " ".join(
+        t.get_text() for t in calm.axes[0].texts
+    )
     assert arms_calm.layers == LAYERS
     # redrawing into the same figure replaces its content
     again = plot_loss_and_sparsity(run, ["features.1"], fig=fig)

@@ -30,6 +30,7 @@ import pandas as pd
 
 from xai_sparsity.base.errors import XaiSparsityError
 from xai_sparsity.base.files import atomic_write_text
+from xai_sparsity.runs.analysis import DEFAULT_RULE
 from xai_sparsity.runs.rundir import RunDir, as_run
 from xai_sparsity.study.tables import fmt, markdown_table
 
@@ -68,8 +69,18 @@ def _analysis(run: RunDir) -> dict[str, Any]:
         return {"error": str(err)}
 
 
+def _label(history: pd.DataFrame) -> str:
+    from xai_sparsity.runs.analysis import label_run
+
+    try:
+        return label_run(history).label
+    except XaiSparsityError:
+        return "undetermined"
+
+
 def arm_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
-    """One row per arm: accuracies, losses, t_L, turned, rise, warning epoch, settings."""
+    """One row per arm: accuracies, losses, t_L, turned, rise, the run label, the warning epoch
+    and its lead (None where the test loss did not turn), settings."""
     rows = []
     for name, run in _runs(runs).items():
         df = run.history()
@@ -93,6 +104,9 @@ def arm_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
                 "turned": a.get("turned"),
                 "rise": a.get("rise"),
                 "warning_epoch": a.get("warning_epoch"),
+                "warning_lead": a.get("warning_lead") if a.get("turned") else None,
+                "warning_text": a.get("warning_text") or "",
+                "label": _label(df),
                 "epochs": int(df["epoch"].iloc[-1]),
                 "penalty_lambda": cfg.get("penalty_lambda", 0.0),
                 "penalty_layers": ", ".join(cfg.get("penalty_layers_resolved", []) or []),
@@ -105,7 +119,8 @@ def arm_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
 
 
 def lead_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
-    """One row per (arm, layer): t_L, t_s and lead = t_L - t_s (None where undefined)."""
+    """One row per (arm, layer): t_L, turned, t_s and lead = t_L - t_s (None where undefined,
+    and for every layer of an arm whose test loss did not turn)."""
     rows = []
     for name, run in _runs(runs).items():
         a = _analysis(run)
@@ -115,8 +130,9 @@ def lead_table(runs: Mapping[str, RunLike]) -> pd.DataFrame:
                     "arm": name,
                     "layer": layer,
                     "t_L": a.get("t_L"),
+                    "turned": bool(a.get("turned")),
                     "t_s": (a.get("t_s") or {}).get(layer),
-                    "lead": (a.get("lead") or {}).get(layer),
+                    "lead": (a.get("lead") or {}).get(layer) if a.get("turned") else None,
                 }
             )
     return pd.DataFrame(rows)
@@ -206,6 +222,7 @@ def _verdicts(arms: pd.DataFrame, sparsity: pd.DataFrame, convs: list[str]) -> l
                 f"- The baseline's test loss did NOT turn within {b['epochs']} epochs (rise "
                 f"{fmt(b['rise'])}); train longer to see overfitting."
             )
+    lines += [_warning_verdict(arm, by.loc[arm]) for arm in by.index]
     penalised = [a for a in by.index if a != "baseline" and by.loc[a, "penalty_lambda"]]
     if "baseline" in sparsity.columns and penalised and convs:
         for arm in penalised:
@@ -229,6 +246,33 @@ def _verdicts(arms: pd.DataFrame, sparsity: pd.DataFrame, convs: list[str]) -> l
     )
     lines.append(f"- Final test accuracy: {final}.")
     return lines
+
+
+def _warning_verdict(arm: str, r: pd.Series) -> str:
+    """One verdict line on the early warning of an arm: what it measured, and its lead only
+    where the test loss turned."""
+    fired = r["warning_epoch"] is not None and not pd.isna(r["warning_epoch"])
+    what = f": {r['warning_text']}" if fired and r["warning_text"] else ""
+    if not r["turned"]:
+        if fired:
+            return (
+                f"- Arm `{arm}`: the early warning fired at epoch {int(r['warning_epoch'])}{what}; "
+                f"the test loss did not turn, so there is no lead (a false alarm here)."
+            )
+        return f"- Arm `{arm}`: the early warning stayed silent; the test loss did not turn."
+    if fired:
+        lead = int(r["warning_lead"])
+        when = f"{lead} epochs before" if lead > 0 else f"{-lead} epochs after"
+        if lead == 0:
+            when = "at"
+        return (
+            f"- Arm `{arm}`: the early warning fired at epoch {int(r['warning_epoch'])}{what}; "
+            f"that is {when} the test-loss minimum (t_L = {r['t_L']}, lead {lead})."
+        )
+    return (
+        f"- Arm `{arm}`: the test loss turned (t_L = {r['t_L']}) but the early warning stayed "
+        f"silent (a miss)."
+    )
 
 
 def write_report(
@@ -287,7 +331,8 @@ def _arms_section(arms: pd.DataFrame) -> list[str]:
         "final test loss",
         "t_L",
         "turned (rise)",
-        "warning",
+        "label",
+        "warning (lead)",
         "penalty",
         "seconds",
     ]
@@ -300,7 +345,8 @@ def _arms_section(arms: pd.DataFrame) -> list[str]:
             f"{r.final_test_loss:.3f}",
             fmt(r.t_L),
             f"{'yes' if r.turned else 'no'} ({fmt(r.rise)})",
-            fmt(r.warning_epoch),
+            r.label,
+            _warning_cell(r.warning_epoch, r.warning_lead, bool(r.turned)),
             (
                 "λ=" + format(r.penalty_lambda, "g") + " on " + str(r.penalty_layers)
                 if r.penalty_lambda
@@ -314,12 +360,24 @@ def _arms_section(arms: pd.DataFrame) -> list[str]:
         "## Arms",
         "",
         "t_L: epoch of the smoothed test-loss minimum; turned: the smoothed test loss rose at "
-        "least 5% above it by the end; warning: the epoch the label-free early warning fired "
-        "(it never reads the test loss).",
+        "least 5% above it by the end; label: overfits / clean / undetermined "
+        "(docs/definitions.md, run labels); warning: the epoch the label-free early warning "
+        "fired (default rule: the raw sparsity of half the layers stayed "
+        f"{DEFAULT_RULE['min_rise']:g} above its value at the epoch the training loss levelled "
+        f"off, for {DEFAULT_RULE['patience']} epochs; it never reads the test loss), and its "
+        "lead t_L - warning (none where the test loss did not turn).",
         "",
         markdown_table(header, rows),
         "",
     ]
+
+
+def _warning_cell(epoch: Any, lead: Any, turned: bool) -> str:
+    if epoch is None or pd.isna(epoch):
+        return "–"
+    if not turned:
+        return f"{int(epoch)} (no lead: the test loss did not turn)"
+    return f"{int(epoch)} (lead {int(lead)})"
 
 
 def _leads_section(leads: pd.DataFrame, arm_names: list[str]) -> list[str]:
@@ -330,8 +388,9 @@ def _leads_section(leads: pd.DataFrame, arm_names: list[str]) -> list[str]:
         "## Sparsity lead per layer",
         "",
         "t_s: epoch where the layer's smoothed probe sparsity starts a sustained rise; lead = "
-        "t_L - t_s (positive: sparsity rose before the test loss turned). Definitions: "
-        "docs/definitions.md (onset and lead) and docs/science.md (the study of the claims).",
+        "t_L - t_s (positive: sparsity rose before the test loss turned; no lead where the "
+        "test loss did not turn). Definitions: docs/definitions.md (onset and lead) and "
+        "docs/science.md (the study of the claims).",
         "",
         markdown_table(["layer", *[f"{a}: t_s / lead" for a in arm_names]], rows),
     ]
@@ -377,6 +436,8 @@ def _lead_cell(leads: pd.DataFrame, arm: str, layer: str) -> str:
     if sel.empty:
         return "–"
     t_s, lead = sel["t_s"].iloc[0], sel["lead"].iloc[0]
+    if not bool(sel["turned"].iloc[0]):
+        return f"{fmt(_int_or_none(t_s))} / no lead (did not turn)"
     return f"{fmt(_int_or_none(t_s))} / {fmt(_int_or_none(lead))}"
 
 

@@ -300,7 +300,7 @@ def plot_loss_and_sparsity(
         ax_loss.text(
             0.99,
             0.98,
-            "test loss has not turned",
+            "the test loss did not turn: no lead",
             transform=ax_loss.transAxes,
             ha="right",
             va="top",

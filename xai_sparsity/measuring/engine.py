@@ -3,7 +3,7 @@
 One pass over an activation x (B, C, ...) gives, per sample b and unit (a channel, summed over its
 positions; or one unit per sample), and with ``spatial`` also per position (summed over the
 channels), the sums of a' = a / m_b, where a = |x| or relu(x) (the *transform*) and m_b is the
-sample's mean of a (1 where it is 0 or not finite):
+sample's mean of a (1 where it is 0; the mean of the finite values for a sample holding NaN/Inf):
 
     S = sum a'      T = sum a' ln a'      Q = K sum a'^2      Z = #{a <= tol}
 
@@ -25,9 +25,9 @@ where relu(x) > 0): :func:`~xai_sparsity.capturing.hooks.capture` measures a lay
 
 Two implementations (``kernel``):
 
-- ``"eager"`` (default): on the CPU, chunks of samples (:data:`CHUNK_ELEMENTS` values in all
-  buffers) through one reused scratch buffer, so no tensor-sized temporary is allocated and every
-  pass stays in cache; on accelerators the whole batch is one chunk;
+- ``"eager"`` (default): on the CPU, chunks of samples (:data:`CHUNK_ELEMENTS` values per slot)
+  through one reused scratch buffer, so no tensor-sized temporary is allocated and every pass
+  stays in cache; on accelerators the whole batch is one chunk;
 - ``"compiled"``: ``torch.compile`` fuses the entropy sums into two loops over x (the mean, then
   everything else). Used for entropy-only requests (S, T per channel or sample); others run
   eagerly. The first call per dtype/rank compiles (seconds; on CPU a C++ compiler is needed); if
@@ -35,7 +35,10 @@ Two implementations (``kernel``):
 
 Choose with :func:`set_kernel`, the ``kernel=`` argument, or the environment variable
 ``XAI_SPARSITY_KERNEL``. Non-finite input gives non-finite sums in the units it touches
-(``sums_finite`` is False).
+(``sums_finite`` is False). :class:`Plan` turns a capture's measures, scopes and options into a
+:class:`Request` and its values; :meth:`Plan.grad_values` gives perplexity and entropy with
+autograd (the sparsity penalty). The property tests in ``tests/test_engine.py`` hold all of it to
+:mod:`xai_sparsity.measuring.measures`.
 
 >>> import torch
 >>> u = unit_sums(torch.tensor([[[6.0, -2.0, 0.0, 0.0]]]), split=True)

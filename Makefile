@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 STUDY_OUT ?= runs/study
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint bench study clean
+.PHONY: setup demo test test-slow test-all lint bench study check-science clean
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PY)" ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
@@ -50,6 +50,10 @@ bench: setup
 
 study: setup
 	$(BIN)/xai-sparsity study studies/claims.toml --out $(STUDY_OUT)
+
+# docs/science.md's generated part must be what the committed study summary generates
+check-science: setup
+	$(BIN)/xai-sparsity study-report docs/study/summary.csv --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -294,6 +294,11 @@ def _study(args: argparse.Namespace) -> int:
     arg("--figures", default="docs/study", metavar="DIR", help="folder for the figures"),
     arg("--figure-prefix", default="study/", help="figure path prefix inside the doc"),
     arg("--runs", metavar="DIR", help="study folder with the run directories (example figures)"),
+    arg(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff when the doc differs from what SUMMARY generates",
+    ),
 )
 def _study_report(args: argparse.Namespace) -> int:
     """Write the generated part of the doc and its figures."""

@@ -21,6 +21,7 @@ bootstrap over settings.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,7 +207,9 @@ def group_difference(
 
     reps = bootstrap_by_group(g, diff)
     low, high = percentile_interval(reps)
-    p = float(stats.ttest_ind(v[y], v[~y], equal_var=False).pvalue)
+    with warnings.catch_warnings():  # nearly identical groups: scipy warns, p stays usable
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(v[y], v[~y], equal_var=False).pvalue)
     se = float(np.nanstd(reps, ddof=1))
     return {
         **out,

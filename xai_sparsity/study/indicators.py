@@ -589,14 +589,28 @@ def run_labels(table: pd.DataFrame) -> np.ndarray:
 
 
 def run_settings(table: pd.DataFrame) -> np.ndarray:
-    """Each run's setting (its settings without the seed): the ``setting`` column, else the run
-    id without its ``-s<seed>-<hash>`` suffix.
+    """Each run's setting (its settings without the seed): the ``setting`` column; else the
+    values of the summary's TrainConfig columns (all but ``seed`` and ``arm``); else the run id
+    without its ``-s<seed>-<hash>`` suffix.
 
     >>> run_settings(pd.DataFrame({"run_id": ["g-baseline-lr=0.1-s3-a1b2c3"]})).tolist()
     ['g-baseline-lr=0.1']
     """
     if "setting" in table.columns:
         return table["setting"].astype(str).to_numpy()
+    from xai_sparsity.training.trainer import TrainConfig
+
+    keys = [
+        c
+        for c in table.columns
+        if c in TrainConfig.__dataclass_fields__ and c not in ("seed", "arm")
+    ]
+    if keys:
+        values = table[keys].astype(str).to_numpy()
+        return np.array(
+            ["|".join(f"{k}={v}" for k, v in zip(keys, row, strict=True)) for row in values],
+            dtype=object,
+        )
     return np.array([_RUN_SUFFIX.sub("", str(r)) for r in table["run_id"]], dtype=object)
 
 

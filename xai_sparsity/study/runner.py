@@ -307,6 +307,7 @@ def _base_row(r: StudyRun, setting_keys: Sequence[str]) -> dict[str, Any]:
         "arm": r.arm,
         "seed": r.seed,
         "cell": r.cell,
+        "setting": _hash(dict(r.settings)),
     }
     for k in setting_keys:
         if k in ("arm", "seed"):
@@ -1075,7 +1076,8 @@ def build_report(
     if "turned" in df.columns:
         df["turned"] = df["turned"].astype(str).str.lower().isin(["true", "1"])
     det = detection_runs(df)
-    scores = score_indicators(det, seed=seed) if len(det) else pd.DataFrame()
+    scored = len(det) and "t_L" in det.columns and any(c.startswith("fire:") for c in det.columns)
+    scores = score_indicators(det, seed=seed) if scored else pd.DataFrame()
     arms = penalty_table(df)
     curve = lambda_curve(df)
     tests = primary_tests(df, scores)

@@ -302,3 +302,28 @@ def test_layer_stats_keys_and_errors() -> None:
     }
     with pytest.raises(E.XaiSparsityError, match="at least 2 units"):
         E.layer_stats(torch.ones(3, 1))
+
+
+@PROPERTY
+@given(activations(rank=4), OPTIONS, st.booleans())
+def test_the_accelerator_path_gives_the_same_values(
+    x64: torch.Tensor, options: dict[str, dict[str, Any]], relu: bool
+) -> None:
+    """The pass as it runs on accelerators (one chunk, no host sync: a NaN/Inf sample gets
+    m_b = 1), here on the CPU: the same values for finite input."""
+    x = x64.float()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(E, "_chunked", lambda device: False)
+        got, sums, plan = _engine_values(x, options, relu=relu)
+        grads = E.Plan(("perplexity",), ("channel",), {}).grad_values(x.clone().requires_grad_())
+    finally:
+        mp.undo()
+    for key, value in _reference(x, options).items():
+        _assert_matches(got[key], value, 3e-5, key)
+    if relu:
+        for key, value in _reference(torch.relu(x), options).items():
+            _assert_matches(plan.values(sums.positive(), x)[key], value, 3e-5, ("relu", key))
+    if E.scope_size("channel", x.shape) >= 2:
+        want = perplexity_sparsity(x, "channel")
+        _assert_matches(grads["perplexity:channel"].detach(), want, 3e-5, "grad path")

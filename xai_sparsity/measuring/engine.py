@@ -280,6 +280,12 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buf[:numel]
 
 
+def _chunked(device: torch.device) -> bool:
+    """CPU: cache-sized chunks, NaN/Inf samples redone after the pass (reading a flag is free).
+    Accelerators: one chunk, no host sync."""
+    return device.type == "cpu"
+
+
 def _load(xc: Tensor, out: Tensor, transform: str) -> None:
     """out = transform(xc), in out's dtype."""
     if xc.dtype == out.dtype:
@@ -346,7 +352,7 @@ def _eager(units: Tensor, req: Request, *, fix_inf: int = 0) -> Sums:
     after the pass): a NaN or Inf then stays in its own units."""
     lay = _layout(req)
     b, c, p = units.shape
-    nslot, on_cpu = len(lay.slots), units.device.type == "cpu"
+    nslot, on_cpu = len(lay.slots), _chunked(units.device)
     k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if on_cpu else b
     buf = _scratch(nslot * k * c * p, work_dtype(units), units.device).view(nslot, k, c, p)
     squares = lay.need.sq or (lay.relu is not None and lay.relu.sq)
@@ -811,7 +817,7 @@ class _Entropy(torch.autograd.Function):
         coef = coef.div_(safe * scale.view(b, 1, 1)).neg_()  # -dL/dH / S
         inv = scale.reciprocal().view(b, 1, 1)
         grad = torch.empty_like(units)
-        k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if x.device.type == "cpu" else b
+        k = max(1, min(b, CHUNK_ELEMENTS // max(1, c * p))) if _chunked(x.device) else b
         buf = _scratch(2 * k * c * p, s.dtype, x.device).view(2, k, c, p)
         direct = grad.dtype == s.dtype  # work straight in the gradient's memory, no copy
         for start in range(0, b, k):

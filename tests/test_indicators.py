@@ -321,3 +321,52 @@ def test_every_indicator_evaluates_on_a_plain_history() -> None:
     out = evaluate_run(history([RISE_AT_6, RISE_AT_6], train_sparsity=[FLAT, FLAT]))
     for name in INDICATORS:
         assert fire_column(name) in out and f"score:{name}" in out
+
+
+def _run_history(overfits: bool, cross: int, n: int = 40) -> pd.DataFrame:
+    """A converged run: its test loss turns at epoch 20 (``overfits``) or stays flat, and its
+    probe confidence reaches 0.95 at epoch ``cross`` (never when ``cross`` is 0)."""
+    e = np.arange(1, n + 1)
+    train_loss = 2.0 * np.exp(-e / 3.0) + 0.05
+    test_loss = 1.0 + 2.0 * np.exp(-e / 3.0)
+    if overfits:
+        test_loss = test_loss + 0.04 * np.maximum(0, e - 20)
+    confidence = np.where(e >= cross, 0.97, 0.6) if cross else np.full(n, 0.6)
+    return pd.DataFrame(
+        {
+            "epoch": e,
+            "train_loss": train_loss,
+            "train_acc": 1 - train_loss / 3,
+            "test_loss": test_loss,
+            "test_acc": np.full(n, 0.8),
+            "confidence": confidence,
+            "sparsity:features.relu1": np.full(n, 0.5),
+        }
+    )
+
+
+def test_scoring_end_to_end_from_histories_with_known_labels() -> None:
+    """Histories -> label_run -> evaluate_run -> score: a timely firing counts, a late one and a
+    firing in a clean run do not; thresholds and intervals come by setting."""
+    from xai_sparsity.runs.analysis import label_run
+
+    runs = [  # (setting, overfits, confidence crossing epoch)
+        ("a", True, 15), ("a", True, 18), ("b", True, 12), ("b", True, 30),
+        ("c", False, 0), ("c", False, 0), ("d", False, 0), ("d", False, 35),
+    ]  # fmt: skip
+    rows = []
+    for i, (setting, overfits, cross) in enumerate(runs):
+        h = _run_history(overfits, cross)
+        lab = label_run(h)
+        assert lab.label == ("overfits" if overfits else "clean"), lab.reason
+        row = {"run_id": f"r{i}", "setting": setting, "label": lab.label, "t_L": lab.t_L}
+        rows.append({**row, **evaluate_run(h, ["confidence"])})
+    table = pd.DataFrame(rows)
+    res = score_indicators(table, ["confidence"], rounds=300).iloc[0]
+    t_L = table["t_L"].to_numpy()
+    assert (t_L[:4] == 17).all()  # the smoothed test loss's minimum, before the rise at 20
+    # hits: crossing at 12, 15 and 18 (<= t_L + 1); 30 is late; one clean run fires at 35
+    assert (res["tp"], res["late"], res["fn"], res["fp"], res["tn"]) == (3, 1, 1, 1, 3)
+    assert (res["n_runs"], res["n_settings"], res["n_excluded"]) == (8, 4, 0)
+    assert res["recall"] == 0.75 and res["false_alarm_rate"] == 0.25
+    assert res["recall_low"] <= 0.75 <= res["recall_high"]

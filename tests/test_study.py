@@ -162,9 +162,12 @@ def test_parallel_run_killed_then_resumed(tmp_path: Path) -> None:
         for col in ("t_L", "turned", "best_test_acc", "final_test_acc", "epochs"):
             assert again.loc[run_id, col] == pytest.approx(row[col]), (run_id, col)
     # the summary table: one row per run, settings, results and every indicator's firing epoch
-    for col in ("run_id", "arm", "seed", "train_size", "t_L", "turned", "best_test_acc",
-                "final_test_acc", "penalty_lambda"):  # fmt: skip
+    for col in ("run_id", "arm", "seed", "setting", "train_size", "t_L", "turned", "label",
+                "rise", "converged", "still_learning", "best_test_acc", "final_test_acc",
+                "penalty_lambda", "min_val_loss", "val_best_epoch", "val_test_acc", "corr_tL",
+                "final_correlation", "corr_images_tL", "final_correlation_images"):  # fmt: skip
         assert col in table.columns
+    assert set(table["label"]) <= {"overfits", "clean", "undetermined"}
     for name in INDICATORS:
         assert fire_column(name) in table.columns and f"score:{name}" in table.columns
     assert (table.loc[table["arm"] != "baseline", "penalty_layers_used"].astype(str) != "").all()

@@ -723,13 +723,9 @@ def penalty_table(summary: pd.DataFrame, role: str = "penalty") -> pd.DataFrame:
 
 
 def _role(summary: pd.DataFrame, role: str) -> pd.DataFrame:
-    if "roles" not in summary.columns:
-        return summary.copy()
-    ok = summary["roles"].astype(str).str.split(";").apply(lambda rs: role in rs)
-    df = summary[ok]
-    if "status" in df.columns:
-        df = df[df["status"] == "complete"]
-    return df.copy()
+    from xai_sparsity.study.claims import role_runs
+
+    return role_runs(summary, role)
 
 
 def paired_comparison(
@@ -835,26 +831,27 @@ def detection_runs(summary: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------- report
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per group: runs, share turned, median t_L, mean best and final test accuracy."""
+    """Per group: runs, how many overfit, are clean or undetermined (see
+    :func:`xai_sparsity.study.indicators.run_labels`), median t_L of the overfitting runs, mean
+    best (over the epochs: test-set early stopping) and final test accuracy."""
+    from xai_sparsity.study.indicators import run_labels
+
     rows = []
     df = summary[summary["status"] == "complete"] if "status" in summary.columns else summary
-    groups = sorted({g for gs in df["groups"].astype(str) for g in gs.split(";")}, key=str)
-    first_seen = {
-        g: i
-        for i, g in enumerate(
-            dict.fromkeys(g for gs in df["groups"].astype(str) for g in gs.split(";"))
-        )
-    }
-    for g in sorted(groups, key=lambda x: first_seen[x]):
-        sel = df[df["groups"].astype(str).str.split(";").apply(lambda gs, g=g: g in gs)]
+    labels = pd.Series(run_labels(df), index=df.index)
+    group_lists = df["groups"].astype(str).str.split(";")
+    for g in dict.fromkeys(g for gs in group_lists for g in gs):
+        sel = df[group_lists.apply(lambda gs, g=g: g in gs)]
+        lab = labels[sel.index]
+        over = lab == "overfits"
         rows.append(
             {
                 "group": g,
                 "runs": len(sel),
-                "turned": int(sel["turned"].sum()),
-                "t_L median": float(sel.loc[sel["turned"], "t_L"].median())
-                if sel["turned"].any()
-                else math.nan,
+                "overfits": int(over.sum()),
+                "clean": int((lab == "clean").sum()),
+                "undetermined": int((lab == "undetermined").sum()),
+                "t_L median": float(sel.loc[over, "t_L"].median()) if over.any() else math.nan,
                 "best acc": float(sel["best_test_acc"].mean()),
                 "final acc": float(sel["final_test_acc"].mean()),
             }
@@ -1014,16 +1011,18 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
 
     matplotlib.use("Agg", force=False)
 
+    from xai_sparsity.study.indicators import run_labels
     from xai_sparsity.views.figures import plot_loss_and_sparsity, plot_regulariser_comparison
 
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
     df = detection_runs(summary)
     df = df[[(runs_dir / str(r) / "history.csv").exists() for r in df["run_id"]]]
+    labels = run_labels(df) if len(df) else np.array([], dtype=str)
 
     examples = {
-        "example_overfit.png": df[df["turned"] & (df["arm"] == "baseline")],
-        "example_control.png": df[~df["turned"] & (df["arm"] != "baseline")],
+        "example_overfit.png": df[(labels == "overfits") & (df["arm"] == "baseline")],
+        "example_control.png": df[(labels == "clean") & (df["arm"] != "baseline")],
     }
     for name, sel in examples.items():
         if len(sel):
@@ -1033,7 +1032,11 @@ def _run_figures(summary: pd.DataFrame, runs_dir: Path, folder: Path) -> dict[st
     if len(pen):
         seed = int(pen["seed"].min())
         first = pen[pen["seed"] == seed]
-        wanted = [a for a in first["arm"] if a in ("baseline", "dropout", "batchnorm")]
+        from xai_sparsity.study.claims import arm_family
+
+        families = ("baseline", "dropout", "batchnorm", "weight_decay")
+        by_family = {arm_family(a): a for a in reversed(list(first["arm"]))}  # first arm wins
+        wanted = [by_family[f] for f in families if f in by_family]
         wanted += [a for a in first["arm"] if str(a).startswith("penalty")][:2]
         runs = {
             str(a): runs_dir / str(first.loc[first["arm"] == a, "run_id"].iloc[0]) for a in wanted

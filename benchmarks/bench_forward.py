@@ -42,9 +42,12 @@ FASTER = "> 1.00"
 
 
 def _measure_all(tensors: Any) -> list[torch.Tensor]:
-    from xai_sparsity.measuring.measures import perplexity_sparsity
+    """The measure a user applies to the tensors a peer tool captured: the toolkit's fastest
+    public no-grad function (one engine pass per tensor), so that the peers' ratios compare
+    capture mechanisms, not measure implementations."""
+    from xai_sparsity.measuring.engine import measure
 
-    return [perplexity_sparsity(t, "layer") for t in tensors]
+    return [measure("perplexity", t, "layer") for t in tensors]
 
 
 def sides_for(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], Any]:

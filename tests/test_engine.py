@@ -126,6 +126,35 @@ def test_every_measure_scope_and_option_matches_the_reference(
 
 
 @PROPERTY
+@given(activations(), OPTIONS, st.sampled_from(list(DTYPES)))
+def test_measure_is_compute_measure_without_autograd(
+    x64: torch.Tensor, options: dict[str, dict[str, Any]], dtype: str
+) -> None:
+    """``engine.measure`` (one measure, one scope, one pass) equals ``compute_measure``."""
+    x = x64.to(DTYPES[dtype])
+    for m in MEASURES:
+        for scope in SCOPES:
+            if E.scope_size(scope, x.shape) >= 2:
+                got = E.measure(m, x, scope, check_finite=False, **options[m])
+                want = compute_measure(m, x, scope, check_finite=False, **options[m])
+                _assert_matches(got, want, _tol(x.dtype), (m, scope, dtype))
+
+
+def test_measure_reports_bad_input_as_the_measure_functions_do() -> None:
+    from xai_sparsity import XaiSparsityError
+
+    x = torch.rand(3, 4, 5, 5)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(XaiSparsityError, match="NaN or Inf"):
+        E.measure("perplexity", x)
+    assert torch.isnan(E.measure("perplexity", x, check_finite=False)[0])
+    with pytest.raises(XaiSparsityError, match="variant='bogus'"):
+        E.measure("perplexity", torch.rand(2, 5), variant="bogus")
+    with pytest.raises(XaiSparsityError, match="hoyer_sparsity"):
+        E.measure("hoyer", torch.rand(2, 1, 1, 1), "channel")  # N = 1 unit
+
+
+@PROPERTY
 @given(activations(rank=4), OPTIONS, st.integers(1, 40))
 def test_chunks_do_not_change_the_values(
     x64: torch.Tensor, options: dict[str, dict[str, Any]], chunk: int

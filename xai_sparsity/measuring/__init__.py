@@ -25,6 +25,7 @@ _EXPORTS = {
     "use_kernel": "engine",
     "unit_sums": "engine",
     "layer_stats": "engine",
+    "measure": "engine",
     "filter_correlation": "correlation",
     "weight_similarity": "correlation",
     "CorrelationAccumulator": "correlation",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from xai_sparsity.measuring.engine import (
         layer_stats,
+        measure,
         set_kernel,
         unit_sums,
         use_kernel,

@@ -86,6 +86,7 @@ __all__ = [
     "get_kernel",
     "layer_and_channel",
     "layer_stats",
+    "measure",
     "measure_from_sums",
     "scope_size",
     "set_kernel",
@@ -664,6 +665,32 @@ def measure_from_sums(
         return hoyer_from_norms(s, l2, q <= 0, n)
     check_choice("measure", measure, MEASURE_NAMES)
     return part.of("z", scope) / n
+
+
+def measure(name: str, x: Tensor, scope: str = "layer", **options: Any) -> Tensor:
+    """One measure of ``x`` at one scope from one engine pass, without autograd.
+
+    The fast counterpart of :func:`xai_sparsity.measuring.measures.compute_measure` (same
+    arguments, same values to float tolerance; the property tests hold them together) for bulk
+    measurement of tensors that need no gradient. Options the engine does not take, and bad
+    values, go to ``compute_measure``, which computes them or says what is wrong.
+
+    >>> round(measure("perplexity", torch.tensor([[3.0, 1.0, 0.0, 0.0]])).item(), 5)
+    0.74841
+    """
+    from xai_sparsity.measuring.measures import SCOPES, compute_measure
+
+    engine_options = {k: v for k, v in options.items() if k != "check_finite"}
+    plan = Plan((name,), (scope,), {name: engine_options}) if scope in SCOPES else None
+    if plan is None or not plan or not isinstance(x, Tensor) or x.dim() < 2 or x.requires_grad:
+        return compute_measure(name, x, scope, **options)
+    values = plan.values(batch_sums(x.detach(), plan.request(x)), x)
+    value = values.get(f"{name}:{scope}")
+    if value is None:  # fewer than 2 units at this scope: the measure function says so
+        return compute_measure(name, x, scope, **options)
+    if options.get("check_finite", True) and not bool(torch.isfinite(value).all()):
+        return compute_measure(name, x, scope, **options)  # raises, naming the bad input
+    return value
 
 
 def sums_finite(sums: UnitSums | Sums) -> bool:

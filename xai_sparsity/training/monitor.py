@@ -852,14 +852,10 @@ class SparsityMonitor:
     def _train_reduce(self, name: str, out: Tensor) -> None:
         if not self._train_active or not isinstance(out, Tensor) or not out.is_floating_point():
             return
-        from xai_sparsity.measuring.measures import compute_measure
+        from xai_sparsity.measuring.engine import measure
 
         with torch.no_grad():
-            v = (
-                compute_measure("perplexity", out.detach(), "layer", check_finite=False)
-                .float()
-                .mean()
-            )
+            v = measure("perplexity", out.detach(), "layer", check_finite=False).float().mean()
         if name in self._reused:
             name = f"{name}#0"
         self._train_acc.add(name, v)

@@ -177,9 +177,9 @@ class ProbeReducer:
             acc.channel_sum = ch if acc.channel_sum is None else acc.channel_sum + ch
         k = self.settings.spatial_images - self.offset
         if "spatial" in self.settings.scopes and k > 0 and x.shape[1] >= 2:
-            from xai_sparsity.measuring.measures import perplexity_sparsity
+            from xai_sparsity.measuring.engine import measure
 
-            acc.spatial.append(perplexity_sparsity(x[:k], "spatial", check_finite=False).float())
+            acc.spatial.append(measure("perplexity", x[:k], "spatial", check_finite=False).float())
 
     def result(
         self, order: Sequence[str], *, train: Mapping[str, float] | None = None

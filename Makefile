@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xai-sparsity-installed
 DEMO_OUT ?= runs/demo
-STUDY_OUT ?= runs/study
+STUDY_OUT ?= runs/claims_v2
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow test-all lint bench study check-science clean
@@ -36,6 +36,7 @@ lint: setup
 test: setup
 	bash scripts/ensure_chromium.sh
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory check-science
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup
@@ -49,7 +50,7 @@ bench: setup
 	$(PY) benchmarks/run_all.py
 
 study: setup
-	$(BIN)/xai-sparsity study studies/claims.toml --out $(STUDY_OUT)
+	$(BIN)/xai-sparsity study studies/claims_v2.toml --out $(STUDY_OUT)
 
 # docs/science.md's generated part must be what the committed study summary generates
 check-science: setup

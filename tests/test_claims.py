@@ -196,3 +196,46 @@ def test_committed_science_doc_matches_the_committed_summary() -> None:
     diff = check_report(summary, ROOT / "docs" / "science.md", ROOT / "docs" / "study")
     assert diff == "", diff[:3000]
     assert "not measured in this study" in (ROOT / "docs" / "science.md").read_text()
+
+
+def test_a_v2_summary_renders_every_verdict_with_numbers() -> None:
+    """Detection runs with labels and a penalty group with a validation split: every claim gets
+    a test, an interval and a detectable effect; no 'not measured' for claims 1 and 3."""
+    from xai_sparsity.study.indicators import INDICATORS, fire_column
+    from xai_sparsity.study.runner import build_report
+
+    rows = []
+    for s in range(4):
+        for seed in range(3):
+            overfit = s < 2
+            row: dict[str, object] = {
+                "run_id": f"det-{s}-s{seed}",
+                "groups": "overfit" if overfit else "controls",
+                "roles": "detection",
+                "arm": "baseline",
+                "seed": seed,
+                "cell": f"d{s}",
+                "setting": f"d{s}",
+                "status": "complete",
+                "label": "overfits" if overfit else ("clean" if seed else "undetermined"),
+                "turned": overfit,
+                "t_L": 10 if overfit else 60,
+                "best_test_acc": 0.8,
+                "final_test_acc": 0.78,
+                "final_correlation": 0.3 + 0.05 * overfit,
+                "final_correlation_images": 0.5,
+            }
+            for name, ind in INDICATORS.items():
+                fire = (8 + seed) if overfit else (None if seed else 30)
+                row.update({fire_column(name, t): fire for t in ind.grid})
+                row[fire_column(name)] = fire
+                row[f"score:{name}"] = (1.0 + 0.1 * seed) if overfit else 0.1 * seed
+            rows.append(row)
+    df = pd.concat([pd.DataFrame(rows), penalty_summary()], ignore_index=True)
+    text = build_report(df)
+    tests = primary_tests(df, pd.DataFrame()).set_index("claim")
+    assert tests.loc[3, "verdict"] != "NOT TESTED"
+    assert "Claim 1 (" in text and "gated_perplexity" in text
+    head = text.split("### Runs per group")[0]
+    assert "NOT TESTED" not in head, head
+    assert "| overfit | 6 | 6 | 0 | 0 |" in text

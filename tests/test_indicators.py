@@ -370,3 +370,22 @@ def test_scoring_end_to_end_from_histories_with_known_labels() -> None:
     assert (res["n_runs"], res["n_settings"], res["n_excluded"]) == (8, 4, 0)
     assert res["recall"] == 0.75 and res["false_alarm_rate"] == 0.25
     assert res["recall_low"] <= 0.75 <= res["recall_high"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.sampled_from([-np.inf, 0.0, 0.1, 0.5, 0.5, 1.0, np.inf]), min_size=2, max_size=30),
+    st.integers(0, 2**31),
+)
+def test_bootstrap_auc_equals_scikit_learns(scores: list[float], seed: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from xai_sparsity.study.indicators import rank_auc
+
+    s = np.array(scores)
+    y = np.random.default_rng(seed).random(len(s)) < 0.5
+    if y.all() or not y.any():
+        assert math.isnan(rank_auc(s, y))
+        return
+    finite = np.where(s == -np.inf, -9.0, np.where(s == np.inf, 9.0, s))
+    assert rank_auc(s, y) == pytest.approx(roc_auc_score(y, finite))

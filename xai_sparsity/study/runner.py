@@ -34,10 +34,13 @@ that baseline's test-loss minimum (the deepest conv activation when none did; se
 :func:`run_study` trains the runs in worker processes (``forkserver``/``spawn``; one torch thread
 each) or in this process (``workers=1``, e.g. on a GPU), skips complete runs (``summary.json``),
 resumes interrupted ones from their checkpoints, and rewrites ``summary.csv`` atomically after
-every run: one row per run with the settings, seed, ``t_L``, ``turned``, best and final test
-accuracy and every indicator's firing epoch (:mod:`xai_sparsity.study.indicators`).
+every run: one row per run with the settings, ``setting`` (a hash of the settings without the
+seed), seed and :func:`summarize_run`'s results (label, ``t_L``, accuracies, the validation
+protocol, correlations, every indicator's firing epochs and score).
 
-:func:`report` turns a summary CSV into the tables, figures and verdicts of docs/science.md.
+:func:`report` turns a summary CSV into the tables, figures and verdicts of docs/science.md
+(:mod:`xai_sparsity.study.verdicts`); :func:`check_report` (``study-report --check``) says
+whether the doc is what the summary generates.
 
 >>> spec = {"study": {"name": "s", "seeds": [0, 1]}, "defaults": {"epochs": 2},
 ...         "groups": [{"name": "g", "grid": {"train_size": [50, 100]},
@@ -1150,7 +1153,11 @@ def _report_intro(
         *[f"- {v}" for v in verdict_lines(tests, scores)],
         "",
         "Primary tests, one per claim, Holm-corrected across the claims (`mde`: the smallest "
-        "effect the design could detect with 80 % power, two-sided 5 %):",
+        "effect the design could detect with 80 % power, two-sided 5 %). A claim HELD when its "
+        "Holm-adjusted p is under 0.05 with the claimed sign; claim 1 also needs a median lead "
+        ">= 0 and an AUC interval above every null rule's AUC (fixed epoch, training-loss "
+        "plateau, training accuracy). Claims 2 and 3 (and 4 without a validation split) are "
+        "intersection-union tests: every comparison must hold, the weakest one is shown.",
         "",
         frame_table(tests, 4),
         "### Runs per group",

@@ -231,3 +231,21 @@ def test_a_run_that_did_not_turn_has_no_lead() -> None:
     assert "the test loss did not turn" in text and "lead -" not in text and "lead 1" not in text
     assert "no lead" in text and "levelled off at epoch" in text
     assert a.to_dict()["warning_lead"] is None
+
+
+def test_fixed_baseline_detector_and_gate_settings() -> None:
+    from xai_sparsity.runs import LevelOffGate, RiseDetector
+
+    det = RiseDetector(1.0, patience=2, min_rise=0.05, warmup=3, baseline="fixed")
+    values = [0.9, 0.1, 0.5, 0.56, 0.5, 0.56, 0.57]  # epochs 1-2 before the gate are ignored
+    assert [det.update(e, v) for e, v in enumerate(values, start=1)] == [False] * 6 + [True]
+    assert det.baseline_value == 0.5 and det.onset_epoch == 6 and det.confirmed_epoch == 7
+    assert not RiseDetector(1.0, 2, 0.05, 0, baseline="fixed").update(1, float("nan"))
+    with pytest.raises(XaiSparsityError, match="baseline='min'"):
+        RiseDetector(1.0, 2, 0.05, 0, baseline="min")
+    with pytest.raises(XaiSparsityError, match="gate_window=0"):
+        LevelOffGate(0.3, 0, 0.05)
+    with pytest.raises(XaiSparsityError, match="gate_tol=-1"):
+        LevelOffGate(0.3, 3, -1)
+    flat = LevelOffGate(1.0, 2, 0.05)
+    assert not any(flat.update(e, 1.0) for e in range(1, 10))  # never fell: never opens

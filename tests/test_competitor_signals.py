@@ -174,7 +174,33 @@ def test_gradient_noise_formula() -> None:
         lin.weight.grad = torch.tensor([g])
         noise.update(NoScaler(), None)  # type: ignore[arg-type]
     out = noise.result()
-    assert out["gsnr"] == pytest.approx(4.0) and out["gsnr_median"] == pytest.approx(4.0)
+    # signal (2^2 + 2^2) over noise (1 + 0); the median over the element with a variance: 4
+    assert out["gsnr"] == pytest.approx(8.0) and out["gsnr_median"] == pytest.approx(4.0)
+
+
+def test_gradient_noise_is_not_dominated_by_near_constant_elements() -> None:
+    """Gradients that differ only in their last bits give the same gsnr to 1e-6."""
+    import torch
+    from torch import nn
+
+    from xai_sparsity.training.trainer import GradientNoise
+
+    class NoScaler:
+        def is_enabled(self) -> bool:
+            return False
+
+    torch.manual_seed(0)
+    steps = torch.randn(16, 1000)
+    steps[:, :10] = 1.0 + 1e-7 * torch.randn(16, 10)  # near-constant elements
+    results = []
+    for bits in (0.0, 1.0):
+        lin = nn.Linear(1000, 1, bias=False)
+        noise = GradientNoise(lin)
+        for g in steps:
+            lin.weight.grad = (g * (1.0 + bits * 2e-7 * torch.randn(1000))).view(1, -1)
+            noise.update(NoScaler(), None)  # type: ignore[arg-type]
+        results.append(noise.result()["gsnr"])
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
 
 
 def test_signals_setting_is_checked() -> None:

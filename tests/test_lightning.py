@@ -128,7 +128,15 @@ def test_stop_on_warning_stops_the_trainer(tmp_path: Path) -> None:
         out=tmp_path / "run",
         correlation=False,
         on_warning=lambda monitor, epoch, info: fired.append(epoch),
-        warning={"alpha": 1.0, "patience": 1, "min_rise": -1.0, "warmup": 0, "min_layers": 1},
+        # the EMA rule with min_rise=-1 fires on any rise: this test is about stopping, not the rule
+        warning={
+            "rule": "ema_rise",
+            "alpha": 1.0,
+            "patience": 1,
+            "min_rise": -1.0,
+            "warmup": 0,
+            "min_layers": 1,
+        },
         stop_on_warning=True,
     )
     t = trainer(tmp_path, cb)

@@ -454,11 +454,14 @@ def _int_or_none(v: Any) -> int | None:
 def demo_config(seed: int = 0, *, quick: bool = False) -> TrainConfig:
     """The demo's settings: the plain CNN (16-16-32-32) on 500 embedded MNIST digits.
 
-    SGD (lr 0.02, momentum 0.9, batch 32) without augmentation makes the test loss reach its
-    minimum after about 10-15 epochs and rise afterwards; 1,000 held-out test images, 300 fixed
-    probe images. The penalty arm penalises the deepest conv activation (``features.relu4``)
-    with lambda = 0.3 (penalising every conv layer with that lambda kept the network from
-    learning at all in our runs).
+    Adam (lr 1e-3, batch 32) without augmentation for 50 epochs: the network memorises the 500
+    training images within about 20 epochs, after which the test loss rises steadily, so the
+    baseline's test loss turns clearly past the 5 % cut (measured for seeds 0, 1, 2: smoothed
+    rise 19.5 %, 20.6 %, 29.9 %; t_L 23, 14, 12). With the former setting (SGD lr 0.02, momentum
+    0.9, 30 epochs) the baseline's test loss rose by only 4.5-8.6 % (issue 13; the README).
+    1,000 held-out test images, 300 fixed probe images. The penalty arm penalises the deepest conv
+    activation (``features.relu4``) with lambda = 0.3. The four arms took 227 s of CPU time with
+    one thread at 40 epochs (about 285 s at 50).
     ``quick=True``: a tiny model and data for tests (seconds, no overfitting expected).
     """
     from xai_sparsity.training.trainer import TrainConfig
@@ -485,11 +488,10 @@ def demo_config(seed: int = 0, *, quick: bool = False) -> TrainConfig:
         probe_size=300,
         widths=[16, 16, 32, 32],
         hidden=128,
-        epochs=30,
+        epochs=50,
         batch_size=32,
-        optimizer="sgd",
-        lr=0.02,
-        momentum=0.9,
+        optimizer="adam",
+        lr=1e-3,
         penalty_lambda=0.3,
         penalty_layers="deepest",
         dropout=0.5,
@@ -505,9 +507,10 @@ def settings_intro(cfg: TrainConfig, arms: Sequence[str], wall: float | None = N
         f"Data `{cfg.data}` ({size}, {cfg.test_size or 'all remaining'} test images, "
         f"{cfg.probe_size} fixed probe images, augmentation {'on' if cfg.augment else 'off'}); "
         f"model `{cfg.model}` (widths {cfg.widths}, hidden {cfg.hidden}); {cfg.epochs} epochs of "
-        f"{cfg.optimizer} (lr {cfg.lr:g}, momentum {cfg.momentum:g}, batch {cfg.batch_size}, "
-        f"schedule {cfg.schedule}); seed {cfg.seed}, the same data order and initialisation "
-        f"for every arm.",
+        f"{cfg.optimizer} (lr {cfg.lr:g}"
+        + (f", momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" else "")
+        + f", batch {cfg.batch_size}, schedule {cfg.schedule}); seed {cfg.seed}, the same data "
+        "order and initialisation for every arm.",
         "",
         f"Arms: {', '.join(f'`{a}`' for a in arms)}. Strengths not given in an arm's name: "
         f"penalty lambda {cfg.penalty_lambda or 0.3:g} on "

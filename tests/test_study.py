@@ -28,6 +28,7 @@ from xai_sparsity.study.runner import (
     report,
     run_study,
     summarize_run,
+    summarize_study,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,24 @@ def test_the_claims_study_has_enough_runs_seeds_and_controls() -> None:
     assert {"adam", "sgd"} <= set(table["optimizer"])
 
 
+def test_the_v2_study_design() -> None:
+    """Long horizons, negative controls, and claim 3 with a validation split and >= 10 seeds."""
+    table = load_study(ROOT / "studies" / "claims_v2.toml").table()
+    detection = table[table["groups"].astype(str).str.contains("overfit|controls")]
+    assert (detection["epochs"] >= 100).all()
+    assert (
+        detection.groupby("setting" if "setting" in table else "cell")["seed"].nunique().min() >= 4
+    )
+    controls = table[table["groups"].astype(str).str.contains("controls")]
+    assert len(set(controls["arm"])) >= 3
+    penalty = table[table["groups"].astype(str).str.contains("penalty")]
+    assert penalty.groupby("arm")["seed"].nunique().min() >= 10
+    assert (penalty["val_size"] > 0).all()
+    arms = set(penalty["arm"])
+    for family in ("penalty-deepest", "penalty-auto", "penalty-all", "dropout", "weight_decay"):
+        assert sum(a.startswith(family) for a in arms) >= 2, family
+
+
 def _summary_files(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in out.glob("*/summary.json")}
 
@@ -174,6 +193,10 @@ def test_parallel_run_killed_then_resumed(tmp_path: Path) -> None:
     # a third call changes nothing
     third = run_study(SMOKE, out, workers=1, progress=False)
     pd.testing.assert_frame_equal(third, table)
+    # the summary rebuilt from the run directories alone (study --summary-only) is the same
+    rebuilt = summarize_study(SMOKE, out, tmp_path / "rebuilt.csv")
+    pd.testing.assert_frame_equal(read_summary(tmp_path / "rebuilt.csv"), read_summary(out))
+    assert len(rebuilt) == 4
 
 
 class _null:

@@ -276,6 +276,11 @@ def _demo(args: argparse.Namespace) -> int:
     arg("--only", nargs="*", metavar="ID", help="run only these run ids or groups"),
     arg("--device", help="device for every run (cpu, cuda)"),
     arg("--dry-run", action="store_true", help="list the runs and exit"),
+    arg(
+        "--summary-only",
+        action="store_true",
+        help="rebuild DIR/summary.csv from the complete runs with this version; train nothing",
+    ),
     arg("--quiet", action="store_true", help="no progress bar"),
 )
 def _study(args: argparse.Namespace) -> int:

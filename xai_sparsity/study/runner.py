@@ -584,6 +584,22 @@ def run_study(
     return table
 
 
+def summarize_study(
+    study: Study | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Rebuild the summary of a study's complete runs from their run directories, with this
+    version's columns (for a study that a long-running older process is still writing); trains
+    nothing. Writes ``path`` (default ``out/summary.csv``) and returns the table."""
+    if not isinstance(study, Study):
+        study = load_study(study)
+    base = Path(out)
+    runs = [r for r in study.runs if (base / r.run_id / "summary.json").exists()]
+    rows = [_row_for(r, base, study.setting_keys) for r in runs]
+    return write_summary(rows, path if path is not None else base / SUMMARY_NAME)
+
+
 class _Ledger:
     """The rows of a running study: which runs are done or failed. Every result is written to
     the summary at once, so an interrupted study resumes where it stopped."""
@@ -1432,6 +1448,10 @@ def study_command(args: Any) -> int:
         print(f"{len(table)} runs")
         return 0
     t0 = time.perf_counter()
+    if getattr(args, "summary_only", False):
+        df = summarize_study(study, args.out)
+        print(f"{len(df)} complete runs summarised in {Path(args.out) / SUMMARY_NAME}")
+        return 0
     df = run_study(
         study,
         args.out,
@@ -1529,6 +1549,7 @@ __all__ = [
     "report",
     "run_study",
     "summarize_run",
+    "summarize_study",
     "write_summary",
 ]
 

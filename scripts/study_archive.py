@@ -7,10 +7,13 @@ which layers are conv activations, for automatic penalty targets). ``xai-sparsit
 a run whose ``summary.json`` exists, so a restored run is not trained again.
 
     .venv/bin/python scripts/study_archive.py save runs/claims_v2 docs/study/v2
+    .venv/bin/xai-sparsity study studies/claims_v2.toml --out docs/study/v2 --summary-only
     .venv/bin/python scripts/study_archive.py restore docs/study/v2 runs/claims_v2
 
-``save`` also copies the study's ``summary.csv``. Files are written atomically; ``restore``
-never overwrites a run folder that already has a ``summary.json``.
+The archive is laid out as a study folder (one folder per run id and ``study.json``), so the
+second line rebuilds its ``summary.csv`` with the current version and ``xai-sparsity
+study-report docs/study/v2/summary.csv --runs docs/study/v2`` reads it. Files are written
+atomically; ``restore`` never overwrites a run folder that already has a ``summary.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def save(study: Path, archive: Path) -> int:
     """Copy the kept files of every complete run of ``study`` into ``archive``; returns the count."""
     count = 0
     for run in sorted(p for p in study.iterdir() if (p / "summary.json").exists()):
-        target = archive / "runs" / run.name
+        target = archive / run.name
         if (target / "summary.json").exists() and (target / "summary.json").read_bytes() == (
             run / "summary.json"
         ).read_bytes():
@@ -44,16 +47,15 @@ def save(study: Path, archive: Path) -> int:
         if arrays:
             _copy(arrays[-1], target / "arrays" / arrays[-1].name)
         count += 1
-    for name in ("summary.csv", "study.json"):
-        if (study / name).exists():
-            _copy(study / name, archive / name)
+    if (study / "study.json").exists():
+        _copy(study / "study.json", archive / "study.json")
     return count
 
 
 def restore(archive: Path, study: Path) -> int:
     """Copy archived runs into ``study`` where they are not complete yet; returns the count."""
     count = 0
-    for run in sorted((archive / "runs").iterdir() if (archive / "runs").exists() else []):
+    for run in sorted(p for p in archive.iterdir() if (p / "summary.json").exists()):
         target = study / run.name
         if (target / "summary.json").exists():
             continue

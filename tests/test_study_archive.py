@@ -40,16 +40,16 @@ def test_save_keeps_complete_runs_only_and_restore_makes_them_complete(tmp_path:
     study = tmp_path / "study"
     _run(study / "a", complete=True)
     _run(study / "b", complete=False)
-    (study / "summary.csv").write_text("run_id\na\n")
+    (study / "study.json").write_text("{}")
     kept = tmp_path / "kept"
     assert archive.main(["save", str(study), str(kept)]) == 0
     files = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file())
     assert files == [
-        "runs/a/arrays/epoch_0002.npz",
-        "runs/a/config.json",
-        "runs/a/history.csv",
-        "runs/a/summary.json",
-        "summary.csv",
+        "a/arrays/epoch_0002.npz",
+        "a/config.json",
+        "a/history.csv",
+        "a/summary.json",
+        "study.json",
     ]
     assert archive.save(study, kept) == 0  # unchanged runs are not copied again
     fresh = tmp_path / "fresh"

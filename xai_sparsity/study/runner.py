@@ -595,8 +595,8 @@ def summarize_study(
     if not isinstance(study, Study):
         study = load_study(study)
     base = Path(out)
-    runs = [r for r in study.runs if (base / r.run_id / "summary.json").exists()]
-    rows = [_row_for(r, base, study.setting_keys) for r in runs]
+    ledger = _Ledger(study.runs, base, study.setting_keys)  # reads every complete run's row
+    rows = [ledger.rows[r.run_id] for r in study.runs if r.run_id in ledger.rows]
     return write_summary(rows, path if path is not None else base / SUMMARY_NAME)
 
 

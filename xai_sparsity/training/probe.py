@@ -197,9 +197,7 @@ class ProbeReducer:
         per_sample: dict[str, np.ndarray] = {}
         pooled: dict[str, Tensor] = {}
         for name in order:
-            acc = self.layers.get(name)
-            if acc is None and name.endswith("#0"):
-                acc = self.layers.get(name[:-2])
+            acc = self._sums_of(name)
             if acc is None or acc.count == 0:
                 continue
             pp = torch.cat(acc.perplexity).cpu().double()
@@ -243,13 +241,19 @@ class ProbeReducer:
         scalars[f"lifetime:{name}"] = float(lifetime.double().mean())
         return lifetime
 
+    def _sums_of(self, name: str) -> _LayerSums | None:
+        """The sums recorded for a per-call name (``base#0`` reads what the hooks kept under
+        ``base``)."""
+        acc = self.layers.get(name)
+        if acc is None and name.endswith("#0"):
+            acc = self.layers.get(name[:-2])
+        return acc
+
     def _image_correlations(self, scalars: dict[str, float], order: Sequence[str]) -> None:
         """``correlation_images:<layer>`` (mean |r| of the channels' per-image means), after
         every other column so that older history columns keep their places."""
         for name in order:
-            acc = self.layers.get(name)
-            if acc is None and name.endswith("#0"):
-                acc = self.layers.get(name[:-2])
+            acc = self._sums_of(name)
             if acc is not None and acc.corr_images is not None and acc.corr_images.n >= 2:
                 scalars[f"correlation_images:{name}"] = float(acc.corr_images.mean_abs())
 
